@@ -1,0 +1,132 @@
+"""Multi-head attention with two backends behind one interface.
+
+The backend follows the mask: an `AttentionMask` with a BlockMask runs flex attention, one with
+a dense boolean mask (or plain causal) runs PyTorch's scaled_dot_product_attention. The mask is
+built once per batch by `masks.py`; this module knows nothing of samples or modalities.
+
+Options (each off by default): query/key RMSNorm; value residual learning (Zhou et al. 2024,
+"Value Residual Learning"): every layer after the first mixes in the first layer's values with a
+learned per-head gate; LASER (Duvvuri & Dhillon 2024): attend to exp(V) and take the log.
+
+Glossary: b batch, h heads, n tokens (queries), k keys, e head dim, d model dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import flex_attention
+
+from .masks import AttentionMask
+from .positions import apply_rotary
+
+_compiled_flex_attention = None
+
+
+def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """flex_attention is only fast compiled; compile it once per process, lazily."""
+    global _compiled_flex_attention
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask = mask.block)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic = False)
+    return _compiled_flex_attention(q, k, v, block_mask = mask.block)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float = 0.) -> Tensor:
+    """Float['b h n e'] queries against Float['b h k e'] keys and values under `mask`."""
+    if mask.uses_flex:
+        return run_flex_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask = mask.dense, is_causal = mask.is_causal, dropout_p = dropout)
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the head dim with a per-head gain offset (weight = 1 + g)."""
+
+    def __init__(self, heads: int, dim_head: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(heads, 1, dim_head))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, x.shape[-1:]) * (1 + self.gain)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        dropout: float = 0.,
+        qk_norm: bool = False,
+        value_residual: bool = False,
+        laser: bool = False,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.laser = laser
+        dim_inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, 3 * dim_inner, bias = False)
+        self.to_out = nn.Linear(dim_inner, dim, bias = False)
+        self.q_norm = HeadRMSNorm(heads, dim_head) if qk_norm else None
+        self.k_norm = HeadRMSNorm(heads, dim_head) if qk_norm else None
+        # gate in (0, 1) per token and head for mixing the first layer's values in
+        self.to_value_mix = nn.Linear(dim, heads) if value_residual else None
+
+    def forward(
+        self,
+        x: Tensor,
+        rotary: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        first_values: Tensor | None = None,
+        cache: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x: Float['b n d']. rotary: (cos, sin) for the n tokens.
+        first_values: the first layer's values Float['b h n e'] (value residual learning).
+        cache: (keys, values, write_positions): keys and values Float['b h k e'] of a static
+            KV cache, updated in place at write_positions Int['b n']; attention then runs over
+            the whole cache and `mask` must hide the slots not yet written.
+        Returns the output Float['b n d'] and this layer's values (for value residual learning).
+        """
+        q, k, v = rearrange(self.to_qkv(x), 'b n (three h e) -> three b h n e', three = 3, h = self.heads)
+        if self.to_value_mix is not None and first_values is not None:
+            mix = rearrange(self.to_value_mix(x).sigmoid(), 'b n h -> b h n 1')
+            v = v.lerp(first_values, mix)
+        values = v
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+
+        if cache is not None:
+            k, v = write_to_cache(cache, k, v)
+
+        dropout = self.dropout if self.training else 0.
+        if self.laser:
+            out = laser_attend(q, k, v, mask, dropout)
+        else:
+            out = attend(q, k, v, mask, dropout)
+        return self.to_out(rearrange(out, 'b h n e -> b n (h e)')), values
+
+
+def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Scatter new keys/values Float['b h n e'] into the static cache at Int['b n'] positions."""
+    cache_keys, cache_values, positions = cache
+    index = positions[:, None, :, None].expand_as(k)
+    cache_keys.scatter_(2, index, k.to(cache_keys.dtype))
+    cache_values.scatter_(2, index, v.to(cache_values.dtype))
+    return cache_keys, cache_values
+
+
+def laser_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float) -> Tensor:
+    """log(attention(exp(V))), stabilised by each value channel's max over the visible keys
+    (the result does not depend on that constant, only its numerics do)."""
+    key_visible = None
+    if mask.dense is not None:
+        key_visible = rearrange(mask.dense.any(dim = -2), 'b 1 k -> b 1 k 1')
+    visible_v = v if key_visible is None else v.masked_fill(~key_visible, float('-inf'))
+    v_max = visible_v.amax(dim = -2, keepdim = True).detach()      # (b, h, 1, e)
+    exp_v = (visible_v - v_max).exp()                                # hidden slots become exactly 0
+    out = attend(q, k, exp_v, mask, dropout)
+    return out.clamp(min = torch.finfo(out.dtype).tiny).log() + v_max

@@ -1,0 +1,244 @@
+"""Frozen configuration dataclasses and the normalisation of README-style keyword arguments.
+
+Everything that decides the architecture or the loss lives here, validated once, so that the
+modules can trust their inputs. The README style (`dim_latent=(384, 192)`,
+`modality_default_shape=((4,), (2,))`, `transformer=dict(dim=512, depth=8)`) is turned into one
+`ModalityConfig` per modality and one `TransformerConfig` by `build_config`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Sequence
+
+AttentionBackend = Literal['auto', 'sdpa', 'flex']
+TimeSampling = Literal['uniform', 'logit_normal']
+TimeConditioning = Literal['additive', 'adaptive']
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0. <= value < 1.
+
+
+@dataclass(frozen = True)
+class TransformerConfig:
+    """The shared transformer. Options from the cited papers are off by default.
+
+    dim, depth, heads, dim_head: the usual; attention inner width is heads * dim_head.
+    ff_mult: the gated feed-forward's hidden width is int(dim * ff_mult * 2 / 3), which gives a
+        gated layer the parameter count of a plain dim -> ff_mult * dim -> dim MLP.
+    attention_backend: 'sdpa' (dense boolean mask), 'flex' (flex_attention with a BlockMask) or
+        'auto' (flex on CUDA, SDPA elsewhere, where it measured faster).
+    qk_norm: RMSNorm on queries and keys per head (Dehghani et al. 2023).
+    unet_skips: long skip connections from the first half of the stack to the mirrored block of the
+        second half (U-ViT, Bao et al. 2022).
+    value_residual: every layer mixes in the first layer's values with a learned gate
+        (value residual learning, Zhou et al. 2024).
+    laser: attention on exponentiated values, log of the result (LASER, Duvvuri & Dhillon 2024).
+    compile_blocks: wrap each block in torch.compile for training and full-sequence forwards.
+    checkpoint_activations: recompute block activations in the backward pass to save memory.
+    """
+    dim: int
+    depth: int
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: float = 4.
+    dropout: float = 0.
+    rotary_theta: float = 10_000.
+    attention_backend: AttentionBackend = 'auto'
+    qk_norm: bool = False
+    unet_skips: bool = False
+    value_residual: bool = False
+    laser: bool = False
+    compile_blocks: bool = False
+    checkpoint_activations: bool = False
+
+    def __post_init__(self):
+        for name in ('dim', 'depth', 'heads', 'dim_head'):
+            _require(_is_positive_int(getattr(self, name)), f'transformer.{name} must be a positive int, got {getattr(self, name)!r}')
+        _require(self.dim_head % 2 == 0, f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')
+        _require(isinstance(self.ff_mult, (int, float)) and self.ff_mult > 0, f'transformer.ff_mult must be a positive number, got {self.ff_mult!r}')
+        _require(_is_probability(self.dropout), f'transformer.dropout must be in [0, 1), got {self.dropout!r}')
+        _require(self.rotary_theta > 0, f'transformer.rotary_theta must be positive, got {self.rotary_theta!r}')
+        _require(self.attention_backend in ('auto', 'sdpa', 'flex'), f"transformer.attention_backend must be 'auto', 'sdpa' or 'flex', got {self.attention_backend!r}")
+        _require(not (self.unet_skips and self.depth % 2), f'transformer.unet_skips needs an even depth, got depth={self.depth}')
+
+    @property
+    def dim_ff(self) -> int:
+        return int(self.dim * self.ff_mult * 2 / 3)
+
+
+@dataclass(frozen = True)
+class ModalityConfig:
+    """One continuous modality.
+
+    dim_latent: size of one latent token (the last axis, or the first with channel_first).
+    default_shape: the latent grid used when sampling cannot read a shape, and the fixed shape when
+        shape_tokens is False; its length fixes the modality's number of axes. None: any number
+        of axes, and sampling needs a shape from the model, a prompt or fixed_modality_shape.
+    channel_first: latents are (dim_latent, *axes) instead of (*axes, dim_latent).
+    shape_tokens: write the shape as tokens after the begin token (the LM learns to emit it).
+    loss_weight: this modality's weight in the flow loss average.
+    """
+    dim_latent: int
+    default_shape: tuple[int, ...] | None = None
+    channel_first: bool = False
+    shape_tokens: bool = True
+    loss_weight: float = 1.
+
+    def __post_init__(self):
+        _require(_is_positive_int(self.dim_latent), f'dim_latent must be a positive int, got {self.dim_latent!r}')
+        if self.default_shape is not None:
+            _require(isinstance(self.default_shape, tuple) and all(_is_positive_int(a) for a in self.default_shape),
+                     f'modality_default_shape must be a tuple of positive ints, got {self.default_shape!r}')
+        _require(self.shape_tokens or self.default_shape is not None,
+                 'a modality without shape tokens needs a modality_default_shape to use as its fixed shape')
+        _require(self.loss_weight > 0, f'modality loss_weight must be positive, got {self.loss_weight!r}')
+
+    @property
+    def num_axes(self) -> int | None:
+        return None if self.default_shape is None else len(self.default_shape)
+
+
+@dataclass(frozen = True)
+class TransfusionConfig:
+    """The whole model.
+
+    text_loss_weight, flow_loss_weight: loss = text_loss_weight * CE + flow_loss_weight * flow MSE.
+    time_sampling: how training draws t in [0, 1] (t = 0 noise, t = 1 data): 'uniform', or
+        'logit_normal' (Esser et al. 2024), which favours the middle of the path.
+    time_conditioning: 'additive' adds a time embedding to each latent token (the paper's choice);
+        'adaptive' also scales and shifts the latent tokens' norms in every block (adaLN-style),
+        computed once per modality instance and never applied to text.
+    noise_limit_before_text: a modality followed by text in the same sample draws t from the
+        cleaner half [0.5, 1] (the paper's noise limiting for captioning).
+    condition_dropout: probability that a modality instance is trained unconditionally (its latent
+        tokens see only their own instance), which classifier-free guidance needs.
+    causal_modality_attention: attention inside a modality instance causal instead of
+        bidirectional (the paper's ablation; off for real use).
+    max_shape_value: the largest axis length the shape tokens may encode.
+    """
+    num_text_tokens: int
+    transformer: TransformerConfig
+    modalities: tuple[ModalityConfig, ...] = ()
+    text_loss_weight: float = 1.
+    flow_loss_weight: float = 1.
+    time_sampling: TimeSampling = 'uniform'
+    time_conditioning: TimeConditioning = 'additive'
+    noise_limit_before_text: bool = False
+    condition_dropout: float = 0.
+    causal_modality_attention: bool = False
+    max_shape_value: int = 9999
+
+    def __post_init__(self):
+        _require(_is_positive_int(self.num_text_tokens), f'num_text_tokens must be a positive int, got {self.num_text_tokens!r}')
+        _require(isinstance(self.transformer, TransformerConfig), f'transformer must be a TransformerConfig, got {type(self.transformer).__name__}')
+        _require(all(isinstance(m, ModalityConfig) for m in self.modalities), 'modalities must be ModalityConfig instances')
+        _require(self.text_loss_weight >= 0 and self.flow_loss_weight >= 0, 'loss weights must be non-negative')
+        _require(self.time_sampling in ('uniform', 'logit_normal'), f"time_sampling must be 'uniform' or 'logit_normal', got {self.time_sampling!r}")
+        _require(self.time_conditioning in ('additive', 'adaptive'), f"time_conditioning must be 'additive' or 'adaptive', got {self.time_conditioning!r}")
+        _require(_is_probability(self.condition_dropout), f'condition_dropout must be in [0, 1), got {self.condition_dropout!r}')
+        _require(_is_positive_int(self.max_shape_value), f'max_shape_value must be a positive int, got {self.max_shape_value!r}')
+        for index, modality in enumerate(self.modalities):
+            for axis in modality.default_shape or ():
+                _require(axis <= self.max_shape_value, f'modality {index} default shape {modality.default_shape} exceeds max_shape_value={self.max_shape_value}')
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable form (tuples become lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> 'TransfusionConfig':
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        _require(not unknown, f'unknown TransfusionConfig fields {sorted(unknown)}')
+        data = dict(data)
+        data['transformer'] = TransformerConfig(**data['transformer'])
+        data['modalities'] = tuple(
+            ModalityConfig(**{**m, 'default_shape': None if m['default_shape'] is None else tuple(m['default_shape'])})
+            for m in data.get('modalities', ())
+        )
+        return cls(**data)
+
+
+# README keyword normalisation
+
+def _per_modality(value: Any, num_modalities: int, name: str, is_single) -> tuple:
+    """A single value applies to every modality; a tuple/list gives one value per modality."""
+    if is_single(value):
+        return (value,) * num_modalities
+    _require(isinstance(value, (tuple, list)), f'{name} must be a single value or one value per modality, got {value!r}')
+    _require(len(value) == num_modalities, f'{name} has {len(value)} entries but there are {num_modalities} modalities (from dim_latent)')
+    return tuple(value)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(a, int) and not isinstance(a, bool) for a in value)
+
+
+def _as_shape(value: Any, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    _require(_is_shape(value), f'{name} must be a tuple of ints, got {value!r}')
+    return tuple(value)
+
+
+def build_config(
+    num_text_tokens: int,
+    transformer: dict | TransformerConfig,
+    dim_latent: int | Sequence[int] | None = None,
+    modality_default_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    channel_first_latent: bool | Sequence[bool] = False,
+    add_modality_shape_tokens: bool | Sequence[bool] = True,
+    modality_loss_weight: float | Sequence[float] = 1.,
+    **model_options: Any,
+) -> TransfusionConfig:
+    """README-style keywords -> TransfusionConfig. Per-modality keywords take one value for all
+    modalities or one per modality; the number of modalities is the length of dim_latent."""
+    if isinstance(transformer, dict):
+        _require(all(isinstance(k, str) for k in transformer), 'transformer keys must be strings')
+        unknown = set(transformer) - {f.name for f in fields(TransformerConfig)}
+        _require(not unknown, f'unknown transformer options {sorted(unknown)}; known: {sorted(f.name for f in fields(TransformerConfig))}')
+        _require('dim' in transformer and 'depth' in transformer, 'transformer needs at least dim and depth, e.g. transformer=dict(dim=512, depth=8)')
+        transformer = TransformerConfig(**transformer)
+    _require(isinstance(transformer, TransformerConfig), f'transformer must be a dict or TransformerConfig, got {type(transformer).__name__}')
+
+    if dim_latent is None:
+        dims = ()
+    elif isinstance(dim_latent, (tuple, list)):
+        dims = tuple(dim_latent)
+        _require(len(dims) > 0, 'dim_latent must not be empty')
+    else:
+        dims = (dim_latent,)
+    count = len(dims)
+
+    if modality_default_shape is None or _is_shape(modality_default_shape):
+        shapes = (_as_shape(modality_default_shape, 'modality_default_shape'),) * count
+    else:
+        shapes = tuple(_as_shape(s, f'modality_default_shape[{i}]') for i, s in enumerate(
+            _per_modality(modality_default_shape, count, 'modality_default_shape', lambda v: False)))
+    is_flag = lambda v: isinstance(v, bool)
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    channel_first = _per_modality(channel_first_latent, count, 'channel_first_latent', is_flag)
+    shape_tokens = _per_modality(add_modality_shape_tokens, count, 'add_modality_shape_tokens', is_flag)
+    loss_weights = _per_modality(modality_loss_weight, count, 'modality_loss_weight', is_number)
+
+    modalities = tuple(
+        ModalityConfig(dim_latent = d, default_shape = s, channel_first = c, shape_tokens = t, loss_weight = w)
+        for d, s, c, t, w in zip(dims, shapes, channel_first, shape_tokens, loss_weights)
+    )
+    unknown = set(model_options) - {f.name for f in fields(TransfusionConfig)}
+    _require(not unknown, f'unknown Transfusion options {sorted(unknown)}')
+    return TransfusionConfig(num_text_tokens = num_text_tokens, transformer = transformer, modalities = modalities, **model_options)

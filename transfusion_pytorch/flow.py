@@ -1,0 +1,68 @@
+"""Flow matching on the straight path between noise and data.
+
+Convention (the flow_matching library's; diffusers/SD3 run the other way): t in [0, 1], t = 0 is
+pure noise, t = 1 is data.
+
+    x_t = (1 - t) * noise + t * x1        target velocity  v = dx_t/dt = x1 - noise
+
+Sampling integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 with torchdiffeq.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+# function evaluations per step of torchdiffeq's fixed-grid solvers
+EVALUATIONS_PER_STEP = {'euler': 1, 'midpoint': 2, 'rk4': 4}
+
+
+def sample_times(count: int, method: str, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """Float['i'] training times in [0, 1]: 'uniform', or 'logit_normal' (sigmoid of a standard
+    normal, Esser et al. 2024), which spends more samples mid-path."""
+    if method == 'uniform':
+        return torch.rand(count, device = device, generator = generator)
+    if method == 'logit_normal':
+        return torch.randn(count, device = device, generator = generator).sigmoid()
+    raise ValueError(f"time sampling must be 'uniform' or 'logit_normal', got {method!r}")
+
+
+def limit_noise(times: Tensor, limited: Tensor) -> Tensor:
+    """Map the times of `limited` instances (Bool['i']) from [0, 1] into the cleaner half [0.5, 1]."""
+    return torch.where(limited, 0.5 + 0.5 * times, times)
+
+
+def noised(data: Tensor, noise: Tensor, times: Tensor) -> Tensor:
+    """x_t for data and noise Float['l c'] and per-token times Float['l']."""
+    t = times[:, None].to(data.dtype)
+    return (1 - t) * noise + t * data
+
+
+def velocity_target(data: Tensor, noise: Tensor) -> Tensor:
+    return data - noise
+
+
+def integrate(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    steps: int,
+    method: str = 'midpoint',
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> Tensor:
+    """Solve dx/dt = velocity(t, x) from x(0) = noise to t = 1; returns x(1).
+
+    steps: number of equal steps for the fixed-grid solvers ('euler', 'midpoint', 'rk4'), so
+        `steps * EVALUATIONS_PER_STEP[method]` calls of `velocity`; adaptive solvers
+        ('dopri5', ...) choose their own steps from rtol/atol and ignore it.
+    """
+    if steps < 1:
+        raise ValueError(f'modality_steps must be at least 1, got {steps}')
+    grid = torch.linspace(0., 1., steps + 1, device = noise.device, dtype = torch.float32)
+    options = {} if method in EVALUATIONS_PER_STEP else dict(rtol = rtol, atol = atol)
+    if method not in EVALUATIONS_PER_STEP:
+        grid = grid[[0, -1]]
+    trajectory = odeint(velocity, noise, grid, method = method, **options)
+    return trajectory[-1]

@@ -1,0 +1,143 @@
+"""The attention rule as data, and its renderings for the two attention backends.
+
+Rule (DESIGN.md section 3): query token q may attend key token k iff they belong to the same
+sample and (k <= q, or q and k are latent tokens of the same modality instance). Begin, shape
+and end tokens are text-like (causal). Two variants, both per token:
+
+- isolated latent tokens (an instance trained or sampled without its conditioning, for
+  classifier-free guidance) see only their own instance;
+- `bidirectional_instances=False` makes attention inside an instance causal (the paper's
+  ablation).
+
+The rule is written once, as `AttentionRule.allows(q, k)` on index tensors. Broadcast over
+`arange(n)` it gives the dense boolean mask for SDPA; called by flex attention as a
+`mask_mod` it gives the BlockMask. Both are built once per batch and shared by every layer.
+
+Glossary for shapes: b batch, h heads, n tokens, q queries, k keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+
+@dataclass
+class AttentionMask:
+    """What one attention call needs; exactly one form is set, or none for full attention.
+
+    is_causal: plain causal attention (SDPA's fused path, or a causal BlockMask).
+    dense: Bool['b|1 1 q k'] for SDPA.
+    block: a flex BlockMask.
+    """
+    is_causal: bool = False
+    dense: Tensor | None = None
+    block: BlockMask | None = None
+
+    @property
+    def uses_flex(self) -> bool:
+        return self.block is not None
+
+
+class AttentionRule:
+    """Per-token tensors of one packed sequence, all (n,):
+
+    document: which sample a token belongs to.
+    instance: modality-instance id of a latent token, -1 for text-like tokens.
+    isolated: latent tokens that may see only their own instance (or None: none are).
+    """
+
+    def __init__(self, document: Tensor, instance: Tensor, isolated: Tensor | None = None, bidirectional_instances: bool = True):
+        self.document = document
+        self.instance = instance
+        self.isolated = isolated
+        self.bidirectional_instances = bidirectional_instances
+
+    @property
+    def length(self) -> int:
+        return self.document.shape[0]
+
+    def allows(self, q: Tensor, k: Tensor) -> Tensor:
+        """Whether query index q may attend key index k; q and k broadcast against each other."""
+        same_document = self.document[q] == self.document[k]
+        same_instance = (self.instance[q] == self.instance[k]) & (self.instance[q] >= 0)
+        visible = k <= q
+        if self.bidirectional_instances:
+            visible = visible | same_instance
+        if self.isolated is not None:
+            visible = visible & (~self.isolated[q] | same_instance)
+        return same_document & visible
+
+    def mask_mod(self, batch: Tensor, head: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return self.allows(q, k)
+
+    def dense(self, kv_length: int | None = None) -> Tensor:
+        """Bool['q k'] for the whole sequence; kv_length > n pads with hidden key slots (a cache)."""
+        index = torch.arange(self.length, device = self.document.device)
+        allowed = self.allows(index[:, None], index[None, :])
+        if kv_length is not None and kv_length > self.length:
+            allowed = torch.nn.functional.pad(allowed, (0, kv_length - self.length), value = False)
+        return allowed
+
+    def block_mask(self) -> BlockMask:
+        n = self.length
+        return create_block_mask(self.mask_mod, B = None, H = None, Q_LEN = n, KV_LEN = n, device = self.document.device)
+
+
+def causal_block_mask(length: int, device: torch.device) -> BlockMask:
+    def causal(batch, head, q, k):
+        return k <= q
+    return create_block_mask(causal, B = None, H = None, Q_LEN = length, KV_LEN = length, device = device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' is flex attention on CUDA and SDPA elsewhere (measured faster on CPU)."""
+    if backend == 'auto':
+        return 'flex' if device.type == 'cuda' else 'sdpa'
+    return backend
+
+
+def mask_for_rule(rule: AttentionRule, backend: str) -> AttentionMask:
+    """Render `rule` for one packed sequence (batch of one) with the chosen backend."""
+    if resolve_backend(backend, rule.document.device) == 'flex':
+        return AttentionMask(block = rule.block_mask())
+    return AttentionMask(dense = rule.dense()[None, None])
+
+
+def causal_mask(length: int, device: torch.device, backend: str) -> AttentionMask:
+    """Plain causal attention over equal-length rows (text-only training)."""
+    if resolve_backend(backend, device) == 'flex':
+        return AttentionMask(block = causal_block_mask(length, device))
+    return AttentionMask(is_causal = True)
+
+
+def prefix_mask(
+    starts: Tensor,
+    num_new: int,
+    kv_length: int,
+    bidirectional: bool,
+    isolated: Tensor | None = None,
+) -> AttentionMask:
+    """Mask for decoding `num_new` tokens per row written at positions starts[b] + (0..num_new-1)
+    of a cache of `kv_length` slots, each row its own sample.
+
+    bidirectional: the new tokens form one modality instance (they all see each other); else
+        they are causal among themselves (text, or the causal-instance ablation).
+    isolated: Bool['b'], rows whose new tokens see only themselves (the unconditional branch of
+        classifier-free guidance).
+    Returns a dense Bool['b 1 q k'] mask.
+    """
+    key = torch.arange(kv_length, device = starts.device)                        # (k,)
+    query = starts[:, None] + torch.arange(num_new, device = starts.device)      # (b, q)
+    end = starts[:, None, None] + num_new                                        # (b, 1, 1)
+    if bidirectional:
+        visible = key[None, None, :] < end                                       # (b, 1, k)
+        visible = visible.expand(-1, num_new, -1)
+    else:
+        visible = key[None, None, :] <= query[:, :, None]                        # (b, q, k)
+    if isolated is not None:
+        own = key[None, None, :] >= starts[:, None, None]
+        visible = visible & (~isolated[:, None, None] | own)
+    return AttentionMask(dense = visible[:, None])

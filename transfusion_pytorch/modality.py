@@ -1,0 +1,133 @@
+"""Per-modality parts: latent projection in, velocity head out, time conditioning, and the
+optional encoder/decoder between raw data and latents.
+
+Time conditioning is computed once per modality instance (Float['i d']), never per token
+through a wide projection; text tokens are never touched by it.
+
+Glossary: i instances, l latent tokens, c dim_latent, d model dim, n packed tokens.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import TransfusionConfig
+from .transformer import Modulation
+
+
+class TimeEmbedding(nn.Module):
+    """Float['i'] times in [0, 1] -> Float['i d'] through sinusoidal features and an MLP."""
+
+    def __init__(self, dim: int, num_frequencies: int = 128):
+        super().__init__()
+        frequencies = torch.exp(-math.log(10_000.) * torch.arange(num_frequencies) / num_frequencies)
+        self.register_buffer('frequencies', frequencies, persistent = False)
+        self.mlp = nn.Sequential(nn.Linear(2 * num_frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, times: Tensor) -> Tensor:
+        angles = 1000. * times.float()[:, None] * self.frequencies                # (i, f)
+        features = torch.cat((angles.sin(), angles.cos()), dim = -1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class AdaptiveConditioning(nn.Module):
+    """Per-instance adaLN parameters for every block, zero-initialised (identity at start).
+
+    Projects the instance's time embedding Float['i d'] once per block and scatters it to that
+    instance's latent tokens; text-like tokens get zeros, which leaves them exactly unchanged."""
+
+    def __init__(self, dim: int, depth: int):
+        super().__init__()
+        self.depth = depth
+        self.proj = nn.Linear(dim, depth * 6 * dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def per_block(self, time_embedding: Tensor, token_instance: Tensor) -> list[Modulation]:
+        """time_embedding Float['i d']; token_instance Int['b n'] (-1: not modulated)."""
+        params = rearrange(self.proj(F.silu(time_embedding)), 'i (l six d) -> l i six d', l = self.depth, six = 6)
+        params = F.pad(params, (0, 0, 0, 0, 0, 1))                                   # row i = zeros
+        index = torch.where(token_instance >= 0, token_instance, params.shape[1] - 1)
+        return [Modulation(*layer[index].unbind(dim = -2)) for layer in params]     # each (b, n, d)
+
+
+class ModalityProjections(nn.Module):
+    """Latent tokens in (Float['l c'] -> Float['l d']) and predicted velocity out."""
+
+    def __init__(self, dim_latent: int, dim: int):
+        super().__init__()
+        self.proj_in = nn.Linear(dim_latent, dim)
+        self.proj_out = nn.Linear(dim, dim_latent)
+
+
+class Modalities(nn.Module):
+    """All modality-specific modules of a Transfusion model."""
+
+    def __init__(self, config: TransfusionConfig, encoders: tuple, decoders: tuple, train_encoders: bool = False):
+        super().__init__()
+        dim = config.transformer.dim
+        self.config = config
+        self.projections = nn.ModuleList([ModalityProjections(m.dim_latent, dim) for m in config.modalities])
+        self.time_embedding = TimeEmbedding(dim) if config.modalities else None
+        self.adaptive = AdaptiveConditioning(dim, config.transformer.depth) if config.time_conditioning == 'adaptive' and config.modalities else None
+        self.encoders = nn.ModuleList([e if e is not None else nn.Identity() for e in encoders])
+        self.decoders = nn.ModuleList([d if d is not None else nn.Identity() for d in decoders])
+        self.has_encoder = tuple(e is not None for e in encoders)
+        self.has_decoder = tuple(d is not None for d in decoders)
+        self.train_encoders = train_encoders
+        if not train_encoders:
+            for module in (*self.encoders, *self.decoders):
+                module.requires_grad_(False)
+
+    def encode(self, modality: int, entries: list[tuple[int, int, Tensor]]) -> list[Tensor]:
+        """Raw tensors -> latents in the user's layout, batched over instances of equal shape.
+        A frozen encoder runs in eval mode without grad, so it never changes."""
+        if not self.has_encoder[modality]:
+            return [data for _, _, data in entries]
+        encoder = self.encoders[modality]
+        device = next(self.projections[modality].parameters()).device
+        by_shape = defaultdict(list)
+        for position, (_, _, data) in enumerate(entries):
+            by_shape[tuple(data.shape)].append(position)
+        outputs = [None] * len(entries)
+        for shape, positions in by_shape.items():
+            stacked = torch.stack([entries[p][2] for p in positions]).to(device)
+            try:
+                encoded = self._run_coder(encoder, stacked, trainable = self.train_encoders)
+            except Exception as error:
+                where = ', '.join(f'sample {entries[p][0]} item {entries[p][1]}' for p in positions[:3])
+                raise ValueError(f'{where}: modality {modality} encoder failed on input of shape {shape}: {error}') from error
+            for p, latent in zip(positions, encoded.unbind(0)):
+                outputs[p] = latent
+        return outputs
+
+    def decode(self, modality: int, latents: Tensor) -> Tensor:
+        """Float['b ...'] latents in the user's layout -> decoded data (identity without a decoder)."""
+        if not self.has_decoder[modality]:
+            return latents
+        return self._run_coder(self.decoders[modality], latents, trainable = False)
+
+    @staticmethod
+    def _run_coder(module: nn.Module, x: Tensor, trainable: bool) -> Tensor:
+        if trainable:
+            return module(x)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                return module(x)
+        finally:
+            module.train(was_training)
+
+    def embed(self, modality: int, noised: Tensor, token_time_embedding: Tensor) -> Tensor:
+        """Float['l c'] noised latents and Float['l d'] time embeddings -> Float['l d'] tokens."""
+        return self.projections[modality].proj_in(noised) + token_time_embedding
+
+    def velocity(self, modality: int, hidden: Tensor) -> Tensor:
+        """Float['l d'] hidden states -> Float['l c'] predicted velocities."""
+        return self.projections[modality].proj_out(hidden)

@@ -1,0 +1,158 @@
+"""The shared transformer: pre-norm blocks of attention and a gated feed-forward.
+
+Mask-, text- and modality-agnostic: it maps token embeddings Float['b n d'] to normalised hidden
+states, given rotary angles, an `AttentionMask`, optionally per-token norm modulation (used for
+adaptive time conditioning of latent tokens) and optionally a static KV cache.
+
+RMSNorm keeps its gain as an offset from one (weight = 1 + g, g initialised to zero), so weight
+decay pulls the norm toward the identity rather than toward zero.
+
+Glossary: b batch, n tokens, d model dim, f feed-forward hidden width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .config import TransformerConfig
+from .masks import AttentionMask
+from .positions import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, x.shape[-1:], weight = 1 + self.gain)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: Float['b n d'] -> Float['b n d'] through a gated hidden layer of width f."""
+
+    def __init__(self, dim: int, dim_hidden: int, dropout: float = 0.):
+        super().__init__()
+        self.to_hidden = nn.Linear(dim, 2 * dim_hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.to_out = nn.Linear(dim_hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden, gate = self.to_hidden(x).chunk(2, dim = -1)
+        return self.to_out(self.dropout(hidden * F.silu(gate)))
+
+
+@dataclass
+class Modulation:
+    """Per-token adaptive-norm parameters for one block, each Float['b n d']; zero for tokens
+    that are not modulated (text), which leaves them exactly unchanged."""
+    attn_scale: Tensor
+    attn_shift: Tensor
+    attn_gate: Tensor
+    ff_scale: Tensor
+    ff_shift: Tensor
+    ff_gate: Tensor
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, is_first: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim)
+        self.attn = Attention(
+            config.dim, config.heads, config.dim_head, dropout = config.dropout, qk_norm = config.qk_norm,
+            value_residual = config.value_residual and not is_first, laser = config.laser,
+        )
+        self.ff_norm = RMSNorm(config.dim)
+        self.ff = FeedForward(config.dim, config.dim_ff, dropout = config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rotary: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        first_values: Tensor | None = None,
+        modulation: Modulation | None = None,
+        cache: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        normed = self.attn_norm(x)
+        if modulation is not None:
+            normed = normed * (1 + modulation.attn_scale) + modulation.attn_shift
+        attn_out, values = self.attn(normed, rotary, mask, first_values = first_values, cache = cache)
+        if modulation is not None:
+            attn_out = attn_out * (1 + modulation.attn_gate)
+        x = x + attn_out
+
+        normed = self.ff_norm(x)
+        if modulation is not None:
+            normed = normed * (1 + modulation.ff_scale) + modulation.ff_shift
+        ff_out = self.ff(normed)
+        if modulation is not None:
+            ff_out = ff_out * (1 + modulation.ff_gate)
+        return x + ff_out, values
+
+
+class SkipMerge(nn.Module):
+    """U-ViT long skip: concatenate and project back, initialised to pass x through unchanged."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim, bias = False)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.weight[:, :dim].copy_(torch.eye(dim))
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.proj(torch.cat((x, skip), dim = -1))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.rotary = RotaryEmbedding(config.dim_head, config.rotary_theta)
+        self.blocks = nn.ModuleList([Block(config, is_first = i == 0) for i in range(config.depth)])
+        self.skip_merges = nn.ModuleList([SkipMerge(config.dim) for _ in range(config.depth // 2)]) if config.unet_skips else None
+        self.final_norm = RMSNorm(config.dim)
+        self._compiled_blocks = None
+
+    def _block_callables(self) -> list:
+        if not self.config.compile_blocks:
+            return list(self.blocks)
+        if self._compiled_blocks is None:
+            self._compiled_blocks = [torch.compile(block) for block in self.blocks]
+        return self._compiled_blocks
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: AttentionMask,
+        modulations: list[Modulation] | None = None,
+        cache: list[tuple[Tensor, Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        """x: Float['b n d'] embeddings; positions: Int['b n'] or Int['1 n'] rotary positions.
+        modulations: one per block, or None. cache: per block (keys, values, write_positions)
+        of a static KV cache, or None. Returns Float['b n d'] after the final norm."""
+        rotary = self.rotary(positions)
+        blocks = self._block_callables()
+        first_values, skips = None, []
+        use_checkpoint = self.config.checkpoint_activations and self.training and torch.is_grad_enabled()
+        for index, block in enumerate(blocks):
+            if self.skip_merges is not None and index >= len(blocks) // 2:
+                x = self.skip_merges[index - len(blocks) // 2](x, skips.pop())
+            modulation = modulations[index] if modulations is not None else None
+            layer_cache = cache[index] if cache is not None else None
+            if use_checkpoint:
+                x, values = checkpoint(block, x, rotary, mask, first_values, modulation, layer_cache, use_reentrant = False)
+            else:
+                x, values = block(x, rotary, mask, first_values, modulation, layer_cache)
+            if self.skip_merges is not None and index < len(blocks) // 2:
+                skips.append(x)
+            if index == 0 and self.config.value_residual:
+                first_values = values
+        return self.final_norm(x)

@@ -1,0 +1,300 @@
+"""The Transfusion module: one transformer, next-token text and flow-matched modalities.
+
+Training forward, research predictions and sampling share the layers but not code paths:
+- `forward(Int['b n'])`: text-only language modelling (plain causal attention);
+- `forward(list of samples)` / `predict(...)`: packed interleaved batches (attention rule of
+  masks.py), text cross-entropy and flow-matching MSE;
+- `sample`, `sample_many`, `generate_text_only`, `generate_modality_only`: see sampling.py and
+  text_generation.py.
+
+Time convention: t in [0, 1], t = 0 noise, t = 1 data; x_t = (1 - t) * noise + t * x1.
+
+Glossary: b batch, n tokens, d model dim, v vocabulary, i instances, l latent tokens, c dim_latent.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import flow
+from .batch import ModalityItem, PackedBatch, Sample, TextItem, pack, to_items
+from .config import TransfusionConfig, build_config
+from .masks import AttentionMask, AttentionRule, causal_mask, mask_for_rule
+from .modality import Modalities
+from .tokens import Vocabulary
+from .transformer import Transformer
+
+
+@dataclass
+class LossBreakdown:
+    """The parts of the loss: total = text_loss_weight * text + flow_loss_weight * flow, where
+    flow is the loss-weighted mean of the per-modality flow MSEs present in the batch."""
+    total: Tensor
+    text: Tensor
+    flow: Tensor
+    flow_per_modality: dict[int, Tensor]
+
+
+@dataclass
+class Prediction:
+    """What the model predicts for a batch at given times and noise (see `Transfusion.predict`).
+
+    logits: per sample, Float['n_s v'] next-token logits at every position of its packed sequence.
+    token_ids: per sample, Int['n_s'] the packed tokens (BOS, text, begin/shape/end tokens, EOS),
+        with -1 at latent positions.
+    velocities, targets, noised: per modality instance in order of appearance, in the latent
+        layout the user passes (channel-first where configured): predicted velocity, the target
+        x1 - noise, and the network input x_t.
+    times: Float['i'] the instances' times.
+    instance_modality: the modality index of each instance.
+    """
+    logits: list[Tensor]
+    token_ids: list[Tensor]
+    velocities: list[Tensor]
+    targets: list[Tensor]
+    noised: list[Tensor]
+    times: Tensor
+    instance_modality: list[int]
+
+
+def _per_modality(value, count: int) -> tuple:
+    if isinstance(value, (tuple, list)):
+        if len(value) != count:
+            raise ValueError(f'expected one encoder/decoder per modality ({count}), got {len(value)}')
+        return tuple(value)
+    return (value,) * count
+
+
+class Transfusion(nn.Module):
+    """Transfusion (Zhou et al. 2024) with flow matching, for any number of modalities.
+
+    Keyword arguments follow the README: `num_text_tokens`, `transformer=dict(dim=..., depth=...)`
+    (see TransformerConfig), `dim_latent` (an int, or one per modality), `modality_default_shape`,
+    `channel_first_latent`, `add_modality_shape_tokens`, `modality_loss_weight`,
+    `modality_encoder` / `modality_decoder` (a module or one per modality, frozen unless
+    `train_modality_encoders=True`), and any TransfusionConfig field (loss weights, time
+    sampling, noise limiting, condition dropout, ...).
+    """
+
+    def __init__(self, num_text_tokens: int, transformer: dict, modality_encoder = None, modality_decoder = None,
+                 train_modality_encoders: bool = False, **config_kwargs):
+        super().__init__()
+        config = build_config(num_text_tokens = num_text_tokens, transformer = transformer, **config_kwargs)
+        self._build(config, modality_encoder, modality_decoder, train_modality_encoders)
+
+    @classmethod
+    def from_config(cls, config: TransfusionConfig, modality_encoder = None, modality_decoder = None,
+                    train_modality_encoders: bool = False) -> 'Transfusion':
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._build(config, modality_encoder, modality_decoder, train_modality_encoders)
+        return model
+
+    def _build(self, config: TransfusionConfig, encoders, decoders, train_encoders: bool) -> None:
+        self.config = config
+        self.vocab = Vocabulary(config.num_text_tokens, config.num_modalities)
+        dim = config.transformer.dim
+        self.token_embedding = nn.Embedding(self.vocab.size, dim)
+        nn.init.normal_(self.token_embedding.weight, std = 0.02)
+        self.transformer = Transformer(config.transformer)
+        self.to_logits = nn.Linear(dim, self.vocab.size, bias = False)
+        count = config.num_modalities
+        self.modalities = Modalities(config, _per_modality(encoders, count), _per_modality(decoders, count), train_encoders)
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    # training
+
+    def forward(self, batch, *, modality_type: int | None = None, return_breakdown: bool = False,
+                times: Tensor | None = None, noise: list[Tensor] | None = None):
+        """Scalar training loss (and a LossBreakdown with return_breakdown=True).
+
+        batch: Int['b n'] text-only language modelling; Float['b ...'] modality-only training
+            (each row one instance of `modality_type`, default 0); or a list of samples (see
+            batch.py). times (Float['i']) and noise (one tensor per instance, latent layout) fix
+            the flow-matching draws, in order of appearance; by default they are sampled.
+        """
+        if torch.is_tensor(batch) and not batch.is_floating_point():
+            breakdown = self._text_only_loss(batch)
+        else:
+            packed = self.pack(self._as_samples(batch, modality_type))
+            breakdown = self._packed_loss(packed, times, noise)
+        return (breakdown.total, breakdown) if return_breakdown else breakdown.total
+
+    def _as_samples(self, batch, modality_type: int | None):
+        if torch.is_tensor(batch):
+            if modality_type is None:
+                modality_type = 0
+            if batch.ndim < 1 or batch.shape[0] == 0:
+                raise ValueError(f'modality-only training expects a floating tensor (b, ...) with b >= 1, got shape {tuple(batch.shape)}')
+            return [[(modality_type, row)] for row in batch.unbind(0)]
+        if modality_type is not None:
+            raise ValueError('modality_type applies to a floating tensor batch (modality-only training), not to a list of samples')
+        return batch
+
+    def pack(self, batch, close: bool = True) -> PackedBatch:
+        """Validate a list of samples and lay it out as one packed sequence on the model's device."""
+        samples = to_items(batch, self.config, self.modalities.encode)
+        return pack(samples, self.config, self.vocab, self.device, close = close)
+
+    def _text_only_loss(self, ids: Tensor) -> LossBreakdown:
+        if ids.ndim != 2 or ids.shape[1] < 2:
+            raise ValueError(f'text-only training expects token ids of shape (b, n) with n >= 2, got {tuple(ids.shape)}')
+        if ids.dtype == torch.bool:
+            raise TypeError('text-only training expects integer token ids, got a bool tensor')
+        bad = (ids < 0) | (ids >= self.config.num_text_tokens)
+        if bad.any():
+            row, column = bad.nonzero()[0].tolist()
+            raise ValueError(f'sample {row}, item 0: text id {int(ids[row, column])} at position {column} is outside [0, num_text_tokens={self.config.num_text_tokens})')
+        ids = ids.to(self.device).long()
+        logits = self.text_logits(ids)[:, :-1]
+        text = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        zero = text.new_zeros(())
+        total = self.config.text_loss_weight * text + self._unused_parameter_anchor(set())
+        return LossBreakdown(total = total, text = text, flow = zero, flow_per_modality = {})
+
+    def text_logits(self, ids: Tensor) -> Tensor:
+        """Float['b n v'] next-token logits for text-only rows Int['b n'] (causal attention)."""
+        b, n = ids.shape
+        mask = causal_mask(n, ids.device, self.config.transformer.attention_backend)
+        positions = torch.arange(n, device = ids.device)[None]
+        hidden = self.transformer(self.token_embedding(ids), positions, mask)
+        return self.to_logits(hidden)
+
+    def _draw(self, packed: PackedBatch, times: Tensor | None, noise: list[Tensor] | None):
+        """Times Float['i'], per-group noise Float['l c'] and isolated tokens Bool['n'] | None."""
+        count, device = packed.num_instances, self.device
+        if times is None:
+            times = flow.sample_times(count, self.config.time_sampling, device)
+            if self.config.noise_limit_before_text and self.training:
+                times = flow.limit_noise(times, packed.instance_followed_by_text)
+        else:
+            times = torch.as_tensor(times, dtype = torch.float32, device = device).reshape(-1)
+            if times.shape[0] != count:
+                raise ValueError(f'times must hold one value per modality instance ({count}), got {times.shape[0]}')
+        if noise is None:
+            group_noise = [torch.randn_like(g.data) for g in packed.groups]
+        else:
+            group_noise = self._group_noise(packed, noise)
+        isolated = None
+        if self.config.condition_dropout > 0 and self.training:
+            dropped = torch.rand(count, device = device) < self.config.condition_dropout
+            dropped = torch.cat((dropped, dropped.new_zeros(1)))                       # index -1 -> False
+            isolated = dropped[packed.instance]
+        return times, group_noise, isolated
+
+    def _group_noise(self, packed: PackedBatch, noise: list[Tensor]) -> list[Tensor]:
+        if len(noise) != packed.num_instances:
+            raise ValueError(f'noise must hold one tensor per modality instance ({packed.num_instances}), got {len(noise)}')
+        flat = []
+        for i, (modality, shape, tensor) in enumerate(zip(packed.instance_modality, packed.instance_shape, noise)):
+            spec = self.config.modalities[modality]
+            canonical = tensor.movedim(0, -1) if spec.channel_first else tensor
+            if tuple(canonical.shape) != (*shape, spec.dim_latent):
+                raise ValueError(f'noise for instance {i} must match its latent shape {(*shape, spec.dim_latent)} (in the latent layout), got {tuple(tensor.shape)}')
+            flat.append(canonical.reshape(-1, spec.dim_latent).to(self.device))
+        return [torch.cat([flat[i] for i in range(len(flat)) if packed.instance_modality[i] == g.modality]) for g in packed.groups]
+
+    def packed_hidden(self, packed: PackedBatch, group_inputs: list[Tensor], times: Tensor, isolated: Tensor | None = None,
+                      cache: list | None = None, kv_length: int | None = None) -> Tensor:
+        """Hidden states Float['n d'] of a packed sequence whose latent groups take the inputs
+        `group_inputs` (Float['l c'] each) at per-instance times Float['i'].
+
+        cache/kv_length: write keys and values into a static KV cache of kv_length slots (one
+        sample per cache row, prompts in sampling); attention is then dense over the slots."""
+        x = self.token_embedding(packed.token_ids)                                          # (n, d)
+        time_embedding = self.modalities.time_embedding(times) if packed.groups else None   # (i, d)
+        for group, inputs in zip(packed.groups, group_inputs):
+            tokens = self.modalities.embed(group.modality, inputs.to(x.dtype), time_embedding[group.instance])
+            x = x.index_copy(0, group.index, tokens.to(x.dtype))
+        rule = AttentionRule(packed.document, packed.instance, isolated, bidirectional_instances = not self.config.causal_modality_attention)
+        if cache is None:
+            mask = mask_for_rule(rule, self.config.transformer.attention_backend)
+        else:
+            mask = AttentionMask(dense = rule.dense(kv_length)[None, None])
+        modulations = None
+        if self.modalities.adaptive is not None and packed.groups:
+            modulations = self.modalities.adaptive.per_block(time_embedding, packed.instance[None])
+        return self.transformer(x[None], packed.positions[None], mask, modulations, cache = cache)[0]
+
+    def _unused_parameter_anchor(self, present: set[int]) -> Tensor:
+        """Zero that depends on the parameters this batch did not use (absent modalities, time
+        conditioning without instances), so every parameter gets a gradient and DDP needs no
+        find_unused_parameters."""
+        unused = [p for m, proj in enumerate(self.modalities.projections) if m not in present for p in proj.parameters()]
+        if not present:
+            for module in (self.modalities.time_embedding, self.modalities.adaptive):
+                unused += list(module.parameters()) if module is not None else []
+        if self.modalities.train_encoders:
+            unused += [p for m in range(self.config.num_modalities) if m not in present for p in self.modalities.encoders[m].parameters()]
+        anchor = self.token_embedding.weight.new_zeros(())
+        for p in unused:
+            if p.requires_grad:
+                anchor = anchor + 0. * p.sum()
+        return anchor
+
+    def _packed_loss(self, packed: PackedBatch, times, noise) -> LossBreakdown:
+        times, group_noise, isolated = self._draw(packed, times, noise)
+        inputs = [flow.noised(g.data, n, times[g.instance]) for g, n in zip(packed.groups, group_noise)]
+        hidden = self.packed_hidden(packed, inputs, times, isolated)
+        logits = self.to_logits(hidden[packed.loss_index])
+        text = F.cross_entropy(logits.float(), packed.loss_targets)
+        flow_parts = {
+            g.modality: F.mse_loss(self.modalities.velocity(g.modality, hidden[g.index]).float(), flow.velocity_target(g.data.float(), n.float()))
+            for g, n in zip(packed.groups, group_noise)
+        }
+        flow_loss = text.new_zeros(())
+        if flow_parts:
+            weights = {m: self.config.modalities[m].loss_weight for m in flow_parts}
+            flow_loss = sum(weights[m] * part for m, part in flow_parts.items()) / sum(weights.values())
+        total = self.config.text_loss_weight * text + self.config.flow_loss_weight * flow_loss
+        total = total + self._unused_parameter_anchor(set(flow_parts))
+        return LossBreakdown(total = total, text = text, flow = flow_loss, flow_per_modality = flow_parts)
+
+    # research access
+
+    @torch.no_grad()
+    def predict(self, batch, times: Tensor | None = None, noise: list[Tensor] | None = None, *, modality_type: int | None = None) -> Prediction:
+        """Per-token text logits and per-instance velocities for a batch at the given times and
+        noise (drawn when not given), without dropout of conditioning. Runs under no_grad; call
+        `predict.__wrapped__(model, ...)` for gradients."""
+        packed = self.pack(self._as_samples(batch, modality_type))
+        was_training = self.training
+        self.eval()
+        try:
+            times, group_noise, _ = self._draw(packed, times, noise)
+            noised_inputs = [flow.noised(g.data, n, times[g.instance]) for g, n in zip(packed.groups, group_noise)]
+            hidden = self.packed_hidden(packed, noised_inputs, times)
+            velocities = [self.modalities.velocity(g.modality, hidden[g.index]) for g in packed.groups]
+        finally:
+            self.train(was_training)
+        logits = self.to_logits(hidden)
+        token_ids = packed.token_ids.masked_fill(packed.instance >= 0, -1)
+        per_instance = lambda tensors: self._split_instances(packed, tensors)
+        targets = [flow.velocity_target(g.data, n) for g, n in zip(packed.groups, group_noise)]
+        return Prediction(
+            logits = [logits[a:b] for a, b in packed.sample_slices],
+            token_ids = [token_ids[a:b] for a, b in packed.sample_slices],
+            velocities = per_instance(velocities), targets = per_instance(targets), noised = per_instance(noised_inputs),
+            times = times, instance_modality = list(packed.instance_modality),
+        )
+
+    def _split_instances(self, packed: PackedBatch, group_tensors: list[Tensor]) -> list[Tensor]:
+        """Per-group Float['l c'] tensors -> per-instance tensors in the user's latent layout."""
+        out = [None] * packed.num_instances
+        for group, tensor in zip(packed.groups, group_tensors):
+            members = [i for i, m in enumerate(packed.instance_modality) if m == group.modality]
+            sizes = [math.prod(packed.instance_shape[i]) for i in members]
+            for i, chunk in zip(members, tensor.split(sizes)):
+                out[i] = self.to_user_layout(packed.instance_modality[i], chunk.reshape(*packed.instance_shape[i], -1))
+        return out
+
+    def to_user_layout(self, modality: int, latent: Tensor) -> Tensor:
+        """Float['*axes c'] -> the user's layout for that modality (channel-first where configured)."""
+        return latent.movedim(-1, 0) if self.config.modalities[modality].channel_first else latent
