@@ -7,7 +7,7 @@ modules can trust their inputs. The README style (`dim_latent=(384, 192)`,
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Sequence
 
 AttentionBackend = Literal['auto', 'sdpa', 'flex']

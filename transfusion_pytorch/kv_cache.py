@@ -22,6 +22,17 @@ class KVCache:
         self.keys = torch.zeros(shape, device = device, dtype = dtype)
         self.values = torch.zeros(shape, device = device, dtype = dtype)
 
+    @classmethod
+    def for_model(cls, model, batch: int, slots: int) -> 'KVCache':
+        """A cache shaped for `model`'s transformer, in the dtype attention will compute in
+        (the autocast dtype when autocast is on for the model's device)."""
+        config = model.transformer.config
+        device = model.device
+        dtype = model.token_embedding.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        return cls(config.depth, batch, config.heads, slots, config.dim_head, device, dtype)
+
     @property
     def slots(self) -> int:
         return self.keys.shape[3]

@@ -70,8 +70,12 @@ class AttentionRule:
             visible = visible & (~self.isolated[q] | same_instance)
         return same_document & visible
 
-    def mask_mod(self, batch: Tensor, head: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.allows(q, k)
+    @property
+    def mask_mod(self):
+        """The rule as a flex-attention mask_mod (a plain function: flex counts its arguments)."""
+        def rule_mask_mod(batch, head, q, k):
+            return self.allows(q, k)
+        return rule_mask_mod
 
     def dense(self, kv_length: int | None = None) -> Tensor:
         """Bool['q k'] for the whole sequence; kv_length > n pads with hidden key slots (a cache)."""
@@ -117,26 +121,23 @@ def prefix_mask(
     starts: Tensor,
     num_new: int,
     kv_length: int,
-    bidirectional: bool,
+    bidirectional_span: int = 0,
     isolated: Tensor | None = None,
 ) -> AttentionMask:
-    """Mask for decoding `num_new` tokens per row written at positions starts[b] + (0..num_new-1)
+    """Mask for decoding `num_new` tokens per row, written at slots starts[b] + (0..num_new-1)
     of a cache of `kv_length` slots, each row its own sample.
 
-    bidirectional: the new tokens form one modality instance (they all see each other); else
-        they are causal among themselves (text, or the causal-instance ablation).
-    isolated: Bool['b'], rows whose new tokens see only themselves (the unconditional branch of
-        classifier-free guidance).
-    Returns a dense Bool['b 1 q k'] mask.
+    bidirectional_span: the first `bidirectional_span` new tokens form one modality instance and
+        see each other; the rest are causal (text, an end token, or the causal ablation with 0).
+    isolated: Bool['b'], rows whose new tokens see only the new tokens (the unconditional branch
+        of classifier-free guidance).
+    Returns a dense Bool['b 1 q k'] mask; slots past a row's tokens stay hidden.
     """
-    key = torch.arange(kv_length, device = starts.device)                        # (k,)
-    query = starts[:, None] + torch.arange(num_new, device = starts.device)      # (b, q)
-    end = starts[:, None, None] + num_new                                        # (b, 1, 1)
-    if bidirectional:
-        visible = key[None, None, :] < end                                       # (b, 1, k)
-        visible = visible.expand(-1, num_new, -1)
-    else:
-        visible = key[None, None, :] <= query[:, :, None]                        # (b, q, k)
+    key = torch.arange(kv_length, device = starts.device)                          # (k,)
+    offset = torch.arange(num_new, device = starts.device)                         # (q,)
+    last_visible = torch.where(offset < bidirectional_span, max(bidirectional_span - 1, 0), offset)
+    limit = starts[:, None] + last_visible                                         # (b, q)
+    visible = key[None, None, :] <= limit[:, :, None]                              # (b, q, k)
     if isolated is not None:
         own = key[None, None, :] >= starts[:, None, None]
         visible = visible & (~isolated[:, None, None] | own)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import flow
-from .batch import ModalityItem, PackedBatch, Sample, TextItem, pack, to_items
+from .batch import PackedBatch, pack, to_items
 from .config import TransfusionConfig, build_config
 from .masks import AttentionMask, AttentionRule, causal_mask, mask_for_rule
 from .modality import Modalities
@@ -298,3 +298,70 @@ class Transfusion(nn.Module):
     def to_user_layout(self, modality: int, latent: Tensor) -> Tensor:
         """Float['*axes c'] -> the user's layout for that modality (channel-first where configured)."""
         return latent.movedim(-1, 0) if self.config.modalities[modality].channel_first else latent
+
+    # sampling (sampling.py, text_generation.py)
+
+    def sample_many(self, prompts: list, *, max_length: int = 2048, text_temperature: float = 1., text_min_p: float = 0.1,
+                    cache_kv: bool = True, modality_steps: int = 16, ode_method: str = 'midpoint',
+                    fixed_modality_shape = None, force_modality_at_start = None, cfg_scale: float = 1.,
+                    seed = None, show_progress: bool = True) -> list[list]:
+        """Sample one continuation per prompt, batched: rows in the same phase share forwards.
+
+        prompts: each None, text (Int['t']), a modality (a floating tensor, or (index, tensor),
+            raw data when there is an encoder) or a whole interleaved sample (a list of items).
+        max_length: tokens per sample in all (BOS, prompt, special, latent tokens).
+        text_temperature, text_min_p: text sampling (temperature 0 is greedy); min-p keeps
+            tokens with p >= text_min_p * p_max.
+        cache_kv: static KV cache; False recomputes the whole sequence each step (same result).
+        modality_steps, ode_method: torchdiffeq solver and its number of equal steps over t in
+            [0, 1]; evaluations of the network = modality_steps x (1 euler, 2 midpoint, 4 rk4).
+        fixed_modality_shape: a shape for every modality with that many axes, or {index: shape}.
+        force_modality_at_start: start with this modality index, or (index, shape).
+        cfg_scale: classifier-free guidance; the unconditional branch (latents seeing only their
+            own instance) runs in the same forward; 1 disables it at no extra cost.
+        seed: an int (row r uses seed + r) or one int per prompt; each row then draws from its own
+            generator, so the result does not depend on the batch.
+        Returns, per prompt, a list of items: text as 1-D long tensors of text ids, modalities as
+        (index, tensor) in the user's layout (decoded when there is a decoder), prompt included.
+        """
+        from .sampling import sample_many
+        return sample_many(
+            self, prompts, max_length = max_length, text_temperature = text_temperature, text_min_p = text_min_p,
+            cache_kv = cache_kv, modality_steps = modality_steps, ode_method = ode_method,
+            fixed_modality_shape = fixed_modality_shape, force_modality_at_start = force_modality_at_start,
+            cfg_scale = cfg_scale, seed = seed, show_progress = show_progress,
+        )
+
+    def sample(self, prompt = None, **kwargs) -> list:
+        """One sample; the keywords of `sample_many`."""
+        return self.sample_many([prompt], **kwargs)[0]
+
+    def generate_modality_only(self, batch_size: int = 1, modality_type: int = 0, fixed_modality_shape: tuple[int, ...] | None = None,
+                               modality_steps: int = 16, ode_method: str = 'midpoint', cfg_scale: float = 1., seed = None,
+                               show_progress: bool = False) -> Tensor:
+        """Float['b ...'] instances of one modality generated unconditionally (after BOS), in the
+        user's layout and decoded; the shape is fixed_modality_shape or the default shape."""
+        from .sampling import sample_many
+        shape = fixed_modality_shape or self.config.modalities[modality_type].default_shape
+        if shape is None:
+            raise ValueError(f'modality {modality_type} has no default shape: pass fixed_modality_shape')
+        length = 2 + len(self.vocab.shape_ids(tuple(shape))) + math.prod(shape) + 1
+        samples = sample_many(
+            self, [None] * batch_size, max_length = length, modality_steps = modality_steps, ode_method = ode_method,
+            cfg_scale = cfg_scale, force_modality_at_start = (modality_type, tuple(shape)), seed = seed,
+            show_progress = show_progress, stop_after_modality = True,
+        )
+        return torch.stack([sample[-1][1] for sample in samples])
+
+    def generate_text_only(self, prompt: Tensor, seq_len: int, temperature: float = 1., min_p: float = 0.1,
+                           cache_kv: bool = True, compile_step: bool = False) -> Tensor:
+        """Text-only continuation of Int['b p'] prompts to seq_len tokens in all; returns the new
+        tokens Int['b (seq_len - p)']. compile_step: torch.compile the decode step with CUDA
+        graphs (mode='reduce-overhead'), worth it on a GPU for long generations."""
+        from .text_generation import generate_text_only
+        was_training = self.training
+        self.eval()
+        try:
+            return generate_text_only(self, prompt, seq_len, temperature, min_p, cache_kv, compile_step)
+        finally:
+            self.train(was_training)

@@ -1,0 +1,183 @@
+"""How one sampling step is computed: with a static KV cache, or by re-running the whole sequence.
+
+Both runners answer the same four questions for a set of batch rows (each row one sample), so
+the sampler's state machine (sampling.py) is shared and the two are tested equal:
+
+- prefill(row, items): encode a prompt; the logits after it;
+- feed(rows, tokens): append one discrete token per row; the logits after it;
+- velocity(rows, modality, x, t, cfg_scale): the flow field for the current modality instance of
+  each row, whose begin and shape tokens are already in the sequence;
+- commit(rows, modality, x1): append the finished instance as clean data (t = 1) and its end
+  token; the logits after the end token.
+
+With the cache, the prefix is encoded once, a text step processes one token, and an ODE
+evaluation processes only the instance's tokens against the cached prefix.
+
+Glossary: b rows, n instance tokens, c dim_latent, d model dim, v vocabulary, s cache slots.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .batch import ModalityItem, TextItem, pack
+from .kv_cache import KVCache
+from .masks import prefix_mask
+
+
+def check_prompt_fits(row: int, length: int, max_length: int) -> None:
+    if length >= max_length:
+        raise ValueError(f'sample {row}: the prompt takes {length} tokens, which leaves no room under max_length={max_length}')
+
+
+class CachedRunner:
+    def __init__(self, model, batch: int, slots: int):
+        self.model = model
+        self.cache = KVCache.for_model(model, batch, slots)
+        self.lengths = [0] * batch
+
+    def _starts(self, rows: list[int]) -> Tensor:
+        return torch.tensor([self.lengths[r] for r in rows], dtype = torch.long, device = self.model.device)
+
+    def _forward(self, rows: list[int], x: Tensor, span: int, isolated: Tensor | None = None,
+                 token_instance: Tensor | None = None, time_embedding: Tensor | None = None, persist: bool = True) -> Tensor:
+        """Run Float['b q d'] new tokens of `rows` at their next slots; returns Float['b q d']."""
+        model, q = self.model, x.shape[1]
+        starts = self._starts(rows)
+        positions = starts[:, None] + torch.arange(q, device = x.device)
+        mask = prefix_mask(starts, q, self.cache.slots, bidirectional_span = span, isolated = isolated)
+        modulations = None
+        if model.modalities.adaptive is not None and time_embedding is not None:
+            modulations = model.modalities.adaptive.per_block(time_embedding, token_instance)
+        everyone = rows == list(range(self.cache.batch))
+        cache = self.cache if everyone else self.cache.rows(torch.tensor(rows, device = x.device))
+        hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(positions))
+        if persist and not everyone:
+            self.cache.copy_rows_(cache, torch.tensor(rows, device = x.device))
+        return hidden
+
+    def prefill(self, row: int, items: list) -> tuple[Tensor, int]:
+        model = self.model
+        packed = pack([items], model.config, model.vocab, model.device, close = False)
+        check_prompt_fits(row, packed.length, self.cache.slots)
+        times = torch.ones(packed.num_instances, device = model.device)
+        cache = self.cache.rows(torch.tensor([row], device = model.device))
+        views = cache.layer_views(packed.positions[None])
+        hidden = model.packed_hidden(packed, [g.data for g in packed.groups], times, cache = views, kv_length = self.cache.slots)
+        self.cache.copy_rows_(cache, torch.tensor([row], device = model.device))
+        self.lengths[row] = packed.length
+        return model.to_logits(hidden[-1]), packed.length
+
+    def feed(self, rows: list[int], tokens: list[int]) -> Tensor:
+        model = self.model
+        ids = torch.tensor(tokens, dtype = torch.long, device = model.device)[:, None]
+        hidden = self._forward(rows, model.token_embedding(ids), span = 0)
+        for r in rows:
+            self.lengths[r] += 1
+        return model.to_logits(hidden[:, -1])
+
+    def _instance_tokens(self, modality: int, x: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
+        modalities = self.model.modalities
+        time_embedding = modalities.time_embedding(times)                             # (b, d)
+        tokens = modalities.embed(modality, x.to(time_embedding.dtype), time_embedding[:, None])
+        return tokens.to(self.model.token_embedding.weight.dtype), time_embedding
+
+    def velocity(self, rows: list[int], modality: int, x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
+        model, b, n = self.model, x.shape[0], x.shape[1]
+        span = 0 if model.config.causal_modality_attention else n
+        guided = cfg_scale != 1
+        all_rows, x_all = (rows + rows, torch.cat((x, x))) if guided else (rows, x)
+        isolated = torch.arange(len(all_rows), device = x.device) >= b if guided else None
+        tokens, time_embedding = self._instance_tokens(modality, x_all, t.reshape(1).expand(len(all_rows)))
+        token_instance = torch.arange(len(all_rows), device = x.device)[:, None].expand(-1, n)
+        hidden = self._forward(all_rows, tokens, span, isolated, token_instance, time_embedding, persist = False)
+        velocity = model.modalities.velocity(modality, hidden)
+        if not guided:
+            return velocity
+        conditional, unconditional = velocity.chunk(2)
+        return unconditional + cfg_scale * (conditional - unconditional)
+
+    def commit(self, rows: list[int], modality: int, x1: Tensor) -> Tensor:
+        model, b, n = self.model, x1.shape[0], x1.shape[1]
+        tokens, time_embedding = self._instance_tokens(modality, x1, torch.ones(b, device = x1.device))
+        end = model.token_embedding(torch.full((b, 1), model.vocab.end[modality], device = x1.device))
+        span = 0 if model.config.causal_modality_attention else n
+        token_instance = torch.cat((torch.arange(b, device = x1.device)[:, None].expand(-1, n), torch.full((b, 1), -1, device = x1.device)), dim = 1)
+        hidden = self._forward(rows, torch.cat((tokens, end), dim = 1), span, None, token_instance, time_embedding)
+        for r in rows:
+            self.lengths[r] += n + 1
+        return model.to_logits(hidden[:, -1])
+
+
+class UncachedRunner:
+    """Recomputes every row's whole sequence (all instances clean at t = 1) at every step: the
+    slow reference the cached runner is tested against."""
+
+    def __init__(self, model, batch: int, slots: int):
+        self.model = model
+        self.slots = slots
+        self.sequences: list[list] = [[] for _ in range(batch)]
+
+    def _append_tokens(self, row: int, tokens: list[int]) -> None:
+        sequence = self.sequences[row]
+        ids = torch.tensor(tokens, dtype = torch.long, device = self.model.device)
+        if sequence and isinstance(sequence[-1], TextItem):
+            sequence[-1] = TextItem(torch.cat((sequence[-1].ids, ids)))
+        else:
+            sequence.append(TextItem(ids))
+
+    def _run(self, sequences: list[list], current: dict[int, float] | None = None, isolated_docs: set[int] = frozenset()):
+        """Packed forward of several sequences; `current` maps a document to the time of its last
+        instance (the one being generated), every other instance is clean data at t = 1."""
+        model = self.model
+        packed = pack(sequences, model.config, model.vocab, model.device, close = False)
+        times = torch.ones(packed.num_instances, device = model.device)
+        last_instance = {}
+        for i, doc in enumerate(packed.instance_sample):
+            last_instance[doc] = i
+        for doc, t in (current or {}).items():
+            times[last_instance[doc]] = t
+        isolated = None
+        if isolated_docs:
+            flags = torch.zeros(packed.num_instances + 1, dtype = torch.bool, device = model.device)
+            flags[[last_instance[d] for d in isolated_docs]] = True
+            isolated = flags[packed.instance]
+        hidden = model.packed_hidden(packed, [g.data for g in packed.groups], times, isolated)
+        return packed, hidden, last_instance
+
+    def _last_logits(self, rows: list[int]) -> Tensor:
+        packed, hidden, _ = self._run([self.sequences[r] for r in rows])
+        return self.model.to_logits(hidden[[b - 1 for _, b in packed.sample_slices]])
+
+    def prefill(self, row: int, items: list) -> tuple[Tensor, int]:
+        self.sequences[row] = list(items)
+        packed, hidden, _ = self._run([self.sequences[row]])
+        check_prompt_fits(row, packed.length, self.slots)
+        return self.model.to_logits(hidden[-1]), packed.length
+
+    def feed(self, rows: list[int], tokens: list[int]) -> Tensor:
+        for r, token in zip(rows, tokens):
+            self._append_tokens(r, [token])
+        return self._last_logits(rows)
+
+    def velocity(self, rows: list[int], modality: int, x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
+        model = self.model
+        guided = cfg_scale != 1
+        sequences = [self.sequences[r] + [ModalityItem(modality, x_row, wrapped = False)] for r, x_row in zip(rows, x)]
+        if guided:
+            sequences = sequences + sequences
+        docs = range(len(sequences))
+        packed, hidden, last_instance = self._run(sequences, {d: t for d in docs}, set(docs[len(rows):]) if guided else set())
+        velocity = torch.stack([
+            model.modalities.velocity(modality, hidden[packed.instance == last_instance[d]]) for d in docs
+        ])
+        if not guided:
+            return velocity
+        conditional, unconditional = velocity.chunk(2)
+        return unconditional + cfg_scale * (conditional - unconditional)
+
+    def commit(self, rows: list[int], modality: int, x1: Tensor) -> Tensor:
+        for r, x_row in zip(rows, x1):
+            self.sequences[r].append(ModalityItem(modality, x_row, wrapped = False))
+            self._append_tokens(r, [self.model.vocab.end[modality]])
+        return self._last_logits(rows)

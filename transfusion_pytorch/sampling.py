@@ -1,0 +1,323 @@
+"""The sampling state machine: text until a begin token, a constrained shape, the flow ODE, the
+end token, and on until EOS or max_length.
+
+Each row (one sample) moves through phases:
+
+    text --begin--> shape --shape end--> modality --ODE, end token--> text ... --EOS--> done
+
+Rows in the same phase share forwards: all rows that need a discrete token are fed together,
+and all rows generating an instance of the same modality and shape integrate one batched ODE.
+How a step is computed (KV cache or full recomputation) is the runner's business
+(decoding.py). Every random draw of a row comes from that row's own generator when seeds are
+given, so batched sampling equals sampling the rows one by one.
+
+max_length counts every token of a sample's sequence: BOS, prompt, text, begin/shape/end tokens
+and latent tokens. No modality is started that cannot finish within it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import flow
+from .batch import to_items
+from .decoding import CachedRunner, UncachedRunner
+from .text_generation import choose_tokens
+from .tokens import ShapeDecoder, min_instance_length
+
+
+@dataclass
+class SamplingOptions:
+    max_length: int = 2048
+    text_temperature: float = 1.
+    text_min_p: float = 0.1
+    modality_steps: int = 16
+    ode_method: str = 'midpoint'
+    cfg_scale: float = 1.
+    cache_kv: bool = True
+    fixed_modality_shape: dict[int, tuple[int, ...]] = field(default_factory = dict)
+    show_progress: bool = True
+
+
+@dataclass
+class Row:
+    index: int
+    output: list                              # items returned to the user, prompt items first
+    generator: torch.Generator | None
+    length: int = 0                           # tokens already in the sequence
+    phase: str = 'text'                       # 'text' | 'shape' | 'modality' | 'done'
+    logits: Tensor | None = None              # next-token logits once the queue is fed
+    queue: list[int] = field(default_factory = list)
+    text: list[int] = field(default_factory = list)
+    modality: int | None = None
+    shape: tuple[int, ...] | None = None
+    shape_decoder: ShapeDecoder | None = None
+    stop_after_modality: bool = False
+
+
+class Sampler:
+    def __init__(self, model, options: SamplingOptions, batch: int):
+        self.model = model
+        self.vocab = model.vocab
+        self.options = options
+        runner_type = CachedRunner if options.cache_kv else UncachedRunner
+        self.runner = runner_type(model, batch, options.max_length)
+
+    # what a modality needs
+
+    def fixed_shape(self, modality: int) -> tuple[int, ...] | None:
+        spec = self.model.config.modalities[modality]
+        if modality in self.options.fixed_modality_shape:
+            return self.options.fixed_modality_shape[modality]
+        return None if spec.shape_tokens else spec.default_shape
+
+    def min_length(self, modality: int) -> int:
+        spec = self.model.config.modalities[modality]
+        return min_instance_length(spec.num_axes, spec.shape_tokens, self.fixed_shape(modality))
+
+    # decisions
+
+    def allowed_mask(self, row: Row) -> Tensor:
+        """Bool['v'] tokens the row may emit next."""
+        vocab, budget = self.vocab, self.options.max_length - row.length
+        if row.phase == 'shape':
+            ids = row.shape_decoder.allowed(budget)
+        else:
+            ids = list(range(vocab.num_text_tokens))
+            ids += [vocab.begin[m] for m in range(vocab.num_modalities) if self.min_length(m) <= budget]
+            if row.output or row.text:
+                ids.append(vocab.eos)  # a sample never ends empty: it must stay valid input
+        mask = torch.zeros(vocab.size, dtype = torch.bool, device = self.model.device)
+        mask[ids] = True
+        return mask
+
+    def decide(self, rows: list[Row]) -> None:
+        """Choose the next token of every row whose logits are ready."""
+        for row in rows:
+            if row.phase == 'text' and row.length >= self.options.max_length:
+                self.finish(row)
+        rows = [r for r in rows if r.phase != 'done']
+        if not rows:
+            return
+        masks = torch.stack([self.allowed_mask(r) for r in rows])
+        empty = (~masks.any(dim = -1)).tolist()
+        logits = torch.stack([r.logits for r in rows])
+        masks[torch.tensor(empty, device = masks.device)] = True        # placeholder, handled below
+        generators = [r.generator for r in rows] if any(r.generator is not None for r in rows) else None
+        tokens = choose_tokens(logits, self.options.text_temperature, self.options.text_min_p, masks, generators).tolist()
+        for row, token, is_empty in zip(rows, tokens, empty):
+            row.logits = None
+            if is_empty:
+                self.shape_fallback(row)
+            elif row.phase == 'shape':
+                self.push_shape_token(row, token)
+            else:
+                self.push_text_token(row, token)
+
+    def push_text_token(self, row: Row, token: int) -> None:
+        vocab = self.vocab
+        modality = vocab.modality_of_begin(token)
+        if token == vocab.eos:
+            self.finish(row)
+        elif modality is not None:
+            self.start_modality(row, modality)
+        else:
+            row.text.append(token)
+            row.queue.append(token)
+
+    def start_modality(self, row: Row, modality: int, shape: tuple[int, ...] | None = None) -> None:
+        self.flush_text(row)
+        row.modality = modality
+        row.queue.append(self.vocab.begin[modality])
+        spec = self.model.config.modalities[modality]
+        shape = shape if shape is not None else self.fixed_shape(modality)
+        if shape is not None:
+            if spec.shape_tokens:
+                row.queue.extend(self.vocab.shape_ids(shape))
+            row.shape, row.phase = tuple(shape), 'modality'
+        else:
+            row.shape_decoder = ShapeDecoder(self.vocab, spec.num_axes, self.model.config.max_shape_value)
+            row.phase = 'shape'
+
+    def push_shape_token(self, row: Row, token: int) -> None:
+        row.queue.append(token)
+        row.shape_decoder.push(token)
+        if row.shape_decoder.done:
+            row.shape, row.phase, row.shape_decoder = row.shape_decoder.shape, 'modality', None
+
+    def shape_fallback(self, row: Row) -> None:
+        """No shape token fits (max_length reached mid-shape): use the default shape if it fits."""
+        default = self.model.config.modalities[row.modality].default_shape
+        if default is not None and math.prod(default) + 1 <= self.options.max_length - row.length:
+            warnings.warn(f'sampling: could not decode a shape for modality {row.modality}; using the default shape {default}')
+            row.shape, row.phase, row.shape_decoder = default, 'modality', None
+        else:
+            warnings.warn(f'sampling: no room left for modality {row.modality}; ending the sample')
+            self.finish(row)
+
+    def flush_text(self, row: Row) -> None:
+        if row.text:
+            row.output.append(torch.tensor(row.text, dtype = torch.long, device = self.model.device))
+            row.text = []
+
+    def finish(self, row: Row) -> None:
+        self.flush_text(row)
+        row.phase, row.queue = 'done', []
+
+    # forwards
+
+    def feed(self, rows: list[Row]) -> None:
+        tokens = [r.queue.pop(0) for r in rows]
+        logits = self.runner.feed([r.index for r in rows], tokens)
+        for row, row_logits in zip(rows, logits):
+            row.length += 1
+            row.logits = row_logits if not row.queue else None
+
+    def generate_instances(self, rows: list[Row]) -> None:
+        """One batched ODE for rows generating the same modality and shape."""
+        model, options = self.model, self.options
+        modality, shape = rows[0].modality, rows[0].shape
+        spec = model.config.modalities[modality]
+        count = math.prod(shape)
+        noise = torch.stack([
+            torch.randn((count, spec.dim_latent), generator = r.generator, device = model.device) for r in rows
+        ])
+        indices = [r.index for r in rows]
+        field_fn = lambda t, x: self.runner.velocity(indices, modality, x, t, options.cfg_scale)
+        x1 = flow.integrate(field_fn, noise, options.modality_steps, options.ode_method)
+        latents = torch.stack([model.to_user_layout(modality, x.reshape(*shape, -1)) for x in x1])
+        decoded = model.modalities.decode(modality, latents)
+        continuing = [r for r in rows if not r.stop_after_modality]
+        if continuing:
+            logits = self.runner.commit([r.index for r in continuing], modality, x1[[rows.index(r) for r in continuing]])
+        for row, data in zip(rows, decoded):
+            row.output.append((modality, data))
+            row.length += count + 1
+            row.modality, row.shape = None, None
+            row.phase = 'done' if row.stop_after_modality else 'text'
+        for row, row_logits in zip(continuing, logits if continuing else []):
+            row.logits = row_logits
+
+    def loop(self, rows: list[Row]) -> list[list]:
+        """Step every row until all are done; returns each row's items."""
+        total = sum(self.options.max_length - r.length for r in rows)
+        with tqdm(total = total, disable = not self.options.show_progress, desc = 'sampling', leave = False) as progress:
+            while any(r.phase != 'done' for r in rows):
+                before = sum(r.length for r in rows)
+                self.step(rows)
+                progress.update(sum(r.length for r in rows) - before)
+        return [r.output for r in rows]
+
+    def step(self, rows: list[Row]) -> None:
+        ready = [r for r in rows if r.phase in ('text', 'shape') and not r.queue and r.logits is not None]
+        self.decide(ready)
+        waiting = [r for r in rows if r.phase == 'modality' and not r.queue]
+        groups: dict[tuple, list[Row]] = {}
+        for row in waiting:
+            groups.setdefault((row.modality, row.shape), []).append(row)
+        for group in groups.values():
+            self.generate_instances(group)
+        feeding = [r for r in rows if r.queue and r.phase != 'done']
+        if feeding:
+            self.feed(feeding)
+
+
+# public entry points
+
+def _normalize_prompt(prompt) -> list:
+    """A prompt as a list of user items: None, text, a modality, (index, tensor), or a sample."""
+    if prompt is None:
+        return []
+    if torch.is_tensor(prompt) or isinstance(prompt, tuple):
+        return [prompt]
+    if isinstance(prompt, list):
+        return list(prompt)
+    raise TypeError(f'a prompt must be a tensor, a (modality_index, tensor) pair or a list of items, got {type(prompt).__name__}')
+
+
+def _echo(item, device) -> object:
+    """A prompt item as it appears in the output: text as a 1-D long tensor, modalities as pairs."""
+    if isinstance(item, tuple):
+        return (int(item[0]), item[1])
+    if item.is_floating_point():
+        return (0, item)
+    return item.reshape(-1).long().to(device)
+
+
+def _fixed_shapes(model, fixed_modality_shape) -> dict[int, tuple[int, ...]]:
+    modalities = model.config.modalities
+    if fixed_modality_shape is None:
+        return {}
+    if isinstance(fixed_modality_shape, dict):
+        shapes = {int(m): tuple(s) for m, s in fixed_modality_shape.items()}
+    else:
+        shape = tuple(fixed_modality_shape)
+        shapes = {m: shape for m, spec in enumerate(modalities) if spec.num_axes in (None, len(shape))}
+    for m, shape in shapes.items():
+        if not 0 <= m < len(modalities):
+            raise ValueError(f'fixed_modality_shape names modality {m}, but the model has {len(modalities)}')
+        spec = modalities[m]
+        if not all(isinstance(a, int) and a > 0 for a in shape) or (spec.num_axes is not None and len(shape) != spec.num_axes):
+            raise ValueError(f'fixed_modality_shape {shape} for modality {m} must be {spec.num_axes} positive ints')
+        if not spec.shape_tokens and shape != spec.default_shape:
+            raise ValueError(f'modality {m} has shape tokens off; its shape is fixed at {spec.default_shape}')
+    return shapes
+
+
+def _generators(seed, count: int, device) -> list:
+    if seed is None:
+        return [None] * count
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + r for r in range(count)]
+    if len(seeds) != count:
+        raise ValueError(f'got {len(seeds)} seeds for {count} prompts')
+    return [torch.Generator(device = device).manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = None, stop_after_modality: bool = False, **options) -> list[list]:
+    """See Transfusion.sample_many."""
+    options = SamplingOptions(**options)
+    options.fixed_modality_shape = _fixed_shapes(model, options.fixed_modality_shape)
+    if options.max_length < 2:
+        raise ValueError(f'max_length must be at least 2, got {options.max_length}')
+    if options.modality_steps < 1:
+        raise ValueError(f'modality_steps must be at least 1, got {options.modality_steps}')
+    user_prompts = [_normalize_prompt(p) for p in prompts]
+    nonempty = [i for i, p in enumerate(user_prompts) if p]
+    parsed = model_items(model, [user_prompts[i] for i in nonempty]) if nonempty else []
+    items = [[] for _ in user_prompts]
+    for i, sample_items in zip(nonempty, parsed):
+        items[i] = sample_items
+
+    rows = [Row(index = i, output = [_echo(x, model.device) for x in p], generator = g)
+            for i, (p, g) in enumerate(zip(user_prompts, _generators(seed, len(user_prompts), model.device)))]
+    sampler = Sampler(model, options, len(rows))
+    if force_modality_at_start is not None:
+        modality, shape = force_modality_at_start if isinstance(force_modality_at_start, tuple) else (force_modality_at_start, None)
+        if not 0 <= modality < model.config.num_modalities:
+            raise ValueError(f'force_modality_at_start names modality {modality}, but the model has {model.config.num_modalities}')
+        if shape is not None:
+            shape = _fixed_shapes(model, {modality: shape})[modality]
+    was_training = model.training
+    model.eval()
+    try:
+        for row, row_items in zip(rows, items):
+            row.logits, row.length = sampler.runner.prefill(row.index, row_items)
+            if force_modality_at_start is not None:
+                if sampler.min_length(modality) > options.max_length - row.length and shape is None:
+                    raise ValueError(f'max_length={options.max_length} leaves no room for modality {modality} after the prompt')
+                sampler.start_modality(row, modality, shape)
+                row.stop_after_modality = stop_after_modality
+        return sampler.loop(rows)
+    finally:
+        model.train(was_training)
+
+
+def model_items(model, prompts: list[list]) -> list[list]:
+    """Validate prompts like training samples (encoders applied)."""
+    return to_items(prompts, model.config, model.modalities.encode)
