@@ -1,0 +1,48 @@
+"""Flow matching path, target and ODE integration against analytic answers."""
+import math
+
+import pytest
+import torch
+
+from transfusion_pytorch import flow
+
+
+def test_path_endpoints_and_target():
+    data, noise = torch.randn(5, 3), torch.randn(5, 3)
+    assert torch.equal(flow.noised(data, noise, torch.zeros(5)), noise)       # t = 0 is noise
+    assert torch.equal(flow.noised(data, noise, torch.ones(5)), data)         # t = 1 is data
+    t = torch.rand(5)
+    eps = 1e-3
+    numeric = (flow.noised(data, noise, t + eps) - flow.noised(data, noise, t - eps)) / (2 * eps)
+    torch.testing.assert_close(numeric, flow.velocity_target(data, noise), atol = 1e-3, rtol = 1e-3)
+
+
+@pytest.mark.parametrize('method, steps, tolerance', [('euler', 400, 5e-3), ('midpoint', 16, 1e-3), ('rk4', 8, 1e-5), ('dopri5', 1, 1e-4)])
+def test_integration_matches_an_analytic_field(method, steps, tolerance):
+    """dx/dt = -x * 2t has x(1) = x(0) * exp(-1)."""
+    x0 = torch.randn(4, 6)
+    calls = []
+    def field(t, x):
+        calls.append(1)
+        return -2 * t * x
+    x1 = flow.integrate(field, x0, steps, method)
+    torch.testing.assert_close(x1, x0 * math.exp(-1), atol = tolerance, rtol = tolerance)
+    if method in flow.EVALUATIONS_PER_STEP:
+        assert len(calls) == steps * flow.EVALUATIONS_PER_STEP[method]
+
+
+def test_straight_field_is_solved_exactly_by_euler_in_one_step():
+    """For a single data point the optimal field is x1 - noise everywhere: one Euler step lands on it."""
+    data, noise = torch.randn(3, 2), torch.randn(3, 2)
+    field = lambda t, x: (data - x) / (1 - t).clamp(min = 1e-6)
+    torch.testing.assert_close(flow.integrate(field, noise, 1, 'euler'), data)
+
+
+def test_time_sampling_ranges():
+    for method in ('uniform', 'logit_normal'):
+        t = flow.sample_times(10_000, method, torch.device('cpu'))
+        assert ((t >= 0) & (t <= 1)).all()
+    limited = flow.limit_noise(torch.rand(1000), torch.ones(1000, dtype = torch.bool))
+    assert (limited >= 0.5).all()
+    with pytest.raises(ValueError, match = 'time sampling'):
+        flow.sample_times(3, 'beta', torch.device('cpu'))

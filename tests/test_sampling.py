@@ -1,0 +1,166 @@
+"""Multimodal sampling: cached == uncached, batched == one by one, shapes, guidance, and an
+end-to-end toy task."""
+import math
+
+import pytest
+import torch
+from torch import randint, randn
+
+from transfusion_pytorch import Transfusion, print_modality_sample
+from transfusion_pytorch.tokens import ShapeDecoder, Vocabulary
+
+from conftest import tiny_model
+
+QUIET = dict(show_progress = False)
+
+
+def is_modality(item):
+    return isinstance(item, tuple)
+
+
+def assert_samples_equal(a, b, atol = 1e-5):
+    assert len(a) == len(b), (a, b)
+    for x, y in zip(a, b):
+        assert is_modality(x) == is_modality(y)
+        if is_modality(x):
+            assert x[0] == y[0] and x[1].shape == y[1].shape
+            torch.testing.assert_close(x[1], y[1], atol = atol, rtol = atol)
+        else:
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize('options', [dict(), dict(time_conditioning = 'adaptive'), dict(causal_modality_attention = True)])
+def test_cached_equals_uncached_through_a_forced_modality(options):
+    model = tiny_model(**options)
+    kwargs = dict(max_length = 64, text_temperature = 0., force_modality_at_start = 0, modality_steps = 4, seed = 3, **QUIET)
+    cached = model.sample(cache_kv = True, **kwargs)
+    uncached = model.sample(cache_kv = False, **kwargs)
+    assert is_modality(cached[0]) and len(cached) >= 2, cached   # text follows the modality
+    assert_samples_equal(cached, uncached)
+
+
+def test_cached_equals_uncached_with_prompt_and_guidance():
+    model = tiny_model()
+    prompt = [randint(0, 16, (3,)), (1, randn(2, 4)), randint(0, 16, (2,))]
+    kwargs = dict(max_length = 50, text_temperature = 0., force_modality_at_start = (0, (2, 2)), modality_steps = 3, cfg_scale = 3., seed = 0, **QUIET)
+    assert_samples_equal(model.sample(prompt, cache_kv = True, **kwargs), model.sample(prompt, cache_kv = False, **kwargs))
+
+
+def test_sample_many_equals_sample_one_by_one():
+    model = tiny_model()
+    prompts = [None, randint(0, 16, (3,)), (1, randn(3, 4)), [randint(0, 16, (2,)), randn(1, 2, 8)]]
+    kwargs = dict(max_length = 40, modality_steps = 3, text_temperature = 1., **QUIET)
+    many = model.sample_many(prompts, seed = [5, 6, 7, 8], **kwargs)
+    for prompt, seed, batched in zip(prompts, [5, 6, 7, 8], many):
+        assert_samples_equal(batched, model.sample(prompt, seed = seed, **kwargs))
+
+
+def test_multi_axis_shape_round_trips_through_shape_tokens():
+    vocab = Vocabulary(16, 1)
+    ids = vocab.shape_ids((3, 15))
+    decoder = ShapeDecoder(vocab, num_axes = 2, max_value = 9999)
+    for token in ids:
+        assert token in decoder.allowed(budget = 100)
+        decoder.push(token)
+    assert decoder.done and decoder.shape == (3, 15)
+
+
+def test_forced_multi_axis_shape_round_trips_through_the_model():
+    model = tiny_model()
+    sample = model.sample(force_modality_at_start = (0, (3, 5)), max_length = 40, modality_steps = 2, **QUIET)
+    assert sample[0][0] == 0 and sample[0][1].shape == (3, 5, 8)
+
+
+def test_constraint_makes_an_untrained_model_produce_parseable_shapes():
+    model = tiny_model()
+    with _no_fallback_warning():
+        samples = model.sample_many([None] * 6, force_modality_at_start = 0, max_length = 48, modality_steps = 1,
+                                    text_temperature = 2., text_min_p = 0., seed = 0, **QUIET)
+    for sample in samples:
+        modality, data = sample[0]
+        assert modality == 0 and data.ndim == 3 and data.shape[-1] == 8
+        # the whole instance fit within max_length: BOS + begin + shape tokens + latents + end
+        shape_tokens = len(model.vocab.shape_ids(tuple(data.shape[:2])))
+        assert 1 + 1 + shape_tokens + math.prod(data.shape[:2]) + 1 <= 48
+
+
+class _no_fallback_warning:
+    def __enter__(self):
+        import warnings
+        self.catcher = warnings.catch_warnings(record = True)
+        self.records = self.catcher.__enter__()
+        warnings.simplefilter('always')
+    def __exit__(self, *exc):
+        self.catcher.__exit__(*exc)
+        assert not [r for r in self.records if 'default shape' in str(r.message)]
+
+
+def test_max_length_is_never_exceeded():
+    model = tiny_model()
+    for seed in range(4):
+        sample = model.sample(max_length = 30, seed = seed, text_temperature = 1.5, text_min_p = 0., modality_steps = 1, **QUIET)
+        packed = model.pack([sample])
+        assert packed.length <= 30 + 1  # + EOS, which the sample does not hold
+
+
+def test_a_sample_is_valid_input_to_forward_and_prompt():
+    model = tiny_model()
+    samples = model.sample_many([None, randint(0, 16, (2,))], force_modality_at_start = 1, max_length = 40, modality_steps = 2, seed = 0, **QUIET)
+    assert torch.isfinite(model(samples))
+    continued = model.sample(samples[0], max_length = 60, modality_steps = 2, seed = 1, **QUIET)
+    assert_samples_equal(continued[:len(samples[0])], samples[0])
+
+
+def test_cfg_scale_one_equals_unguided():
+    model = tiny_model()
+    kwargs = dict(max_length = 40, force_modality_at_start = 0, modality_steps = 3, seed = 2, **QUIET)
+    assert_samples_equal(model.sample(cfg_scale = 1., **kwargs), model.sample(**kwargs))
+    guided = model.sample(cfg_scale = 4., **kwargs)
+    assert not torch.allclose(guided[0][1], model.sample(**kwargs)[0][1])
+
+
+def test_generate_modality_only_and_decoder_layout():
+    decoder = torch.nn.Conv2d(8, 3, 1)
+    model = tiny_model(dim_latent = 8, modality_default_shape = (2, 3), channel_first_latent = True, modality_decoder = decoder)
+    out = model.generate_modality_only(batch_size = 3, modality_steps = 2)
+    assert out.shape == (3, 3, 2, 3)
+    out = model.generate_modality_only(batch_size = 2, fixed_modality_shape = (4, 4), modality_steps = 2)
+    assert out.shape == (2, 3, 4, 4)
+
+
+def test_print_modality_sample(capsys):
+    print_modality_sample([torch.tensor([1, 2, 3]), (0, torch.randn(2, 3, 8))])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('[text: 3 tokens] 1 2 3') and lines[1].startswith('[modality 0: (2, 3, 8)')
+
+
+def test_sampling_validates_its_arguments():
+    model = tiny_model()
+    with pytest.raises(ValueError, match = 'force_modality_at_start names modality 5'):
+        model.sample(force_modality_at_start = 5, **QUIET)
+    with pytest.raises(ValueError, match = r'fixed_modality_shape \(2,\) for modality 0 must be 2 positive ints'):
+        model.sample(fixed_modality_shape = {0: (2,)}, **QUIET)
+    with pytest.raises(ValueError, match = 'sample 0, item 0: text id 99'):
+        model.sample(torch.tensor([99]), **QUIET)
+    with pytest.raises(ValueError, match = 'leaves no room'):
+        model.sample(randint(0, 16, (20,)), max_length = 10, **QUIET)
+
+
+def test_end_to_end_toy_task():
+    """Text token k is followed by a 1-token latent filled with k / 4: after training, prompting
+    with k generates a latent close to k / 4 (the whole loop: forward, shapes, ODE, cache)."""
+    torch.manual_seed(0)
+    model = Transfusion(num_text_tokens = 4, dim_latent = 4, modality_default_shape = (2,), add_modality_shape_tokens = False,
+                        transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr = 3e-3)
+    for step in range(400):
+        ks = torch.randint(0, 4, (16,))
+        batch = [[k.reshape(1), torch.full((2, 4), k.item() / 4.)] for k in ks]
+        loss = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for k in range(4):
+        sample = model.sample(torch.tensor([k]), max_length = 7, force_modality_at_start = 0, modality_steps = 8, seed = k, **QUIET)
+        latent = sample[1][1]
+        assert (latent - k / 4).abs().mean() < 0.1, (k, latent)

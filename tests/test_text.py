@@ -1,0 +1,113 @@
+"""Text-only language modelling: the causal rule, decoding, min-p, options, learning."""
+import pytest
+import torch
+
+from transfusion_pytorch import Transfusion
+from transfusion_pytorch.text_generation import choose_tokens, min_p_keep
+
+
+def text_model(**transformer_options) -> Transfusion:
+    return Transfusion(num_text_tokens = 32, transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, **transformer_options))
+
+
+def test_causal_rule_by_autograd():
+    """Logits at position i have zero gradient w.r.t. the input embedding of every later position,
+    and a nonzero one w.r.t. every earlier position."""
+    model = text_model()
+    ids = torch.randint(0, 32, (1, 12))
+    embeddings = model.token_embedding(ids).detach().requires_grad_()
+    original = model.token_embedding.forward
+    model.token_embedding.forward = lambda _: embeddings
+    logits = model.text_logits(ids)
+    model.token_embedding.forward = original
+    for i in range(12):
+        grad, = torch.autograd.grad(logits[0, i].sum(), embeddings, retain_graph = True)
+        depends = grad[0].abs().sum(dim = -1) > 0
+        assert depends.tolist() == [j <= i for j in range(12)], f'position {i}'
+
+
+@torch.no_grad()  # flex attention has no CPU backward
+def test_backends_agree_on_text():
+    model = text_model(attention_backend = 'sdpa')
+    flex_model = text_model(attention_backend = 'flex')
+    flex_model.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 32, (2, 40))
+    torch.testing.assert_close(flex_model.text_logits(ids), model.text_logits(ids), atol = 1e-4, rtol = 1e-4)
+
+
+def test_cached_greedy_equals_uncached():
+    model = text_model()
+    prompt = torch.randint(0, 32, (3, 4))
+    cached = model.generate_text_only(prompt, 30, temperature = 0., cache_kv = True)
+    uncached = model.generate_text_only(prompt, 30, temperature = 0., cache_kv = False)
+    assert cached.shape == (3, 26)
+    assert torch.equal(cached, uncached)
+
+
+def test_generated_ids_are_text():
+    model = text_model()
+    out = model.generate_text_only(torch.zeros(2, 1, dtype = torch.long), 50, temperature = 2., min_p = 0.)
+    assert out.shape == (2, 49) and int(out.min()) >= 0 and int(out.max()) < 32
+
+
+def test_min_p_keeps_exactly_tokens_above_threshold():
+    logits = torch.randn(4, 50) * 3
+    probs = logits.softmax(-1)
+    for min_p in (0.05, 0.1, 0.5):
+        keep = min_p_keep(logits, min_p)
+        assert torch.equal(keep, probs >= min_p * probs.max(dim = -1, keepdim = True).values)
+        # sampling never leaves the kept set
+        draws = torch.stack([choose_tokens(logits, temperature = 1.5, min_p = min_p) for _ in range(200)])
+        assert keep.gather(1, draws.T).all()
+
+
+def test_temperature_zero_is_greedy():
+    logits = torch.randn(5, 20)
+    assert torch.equal(choose_tokens(logits, temperature = 0.), logits.argmax(-1))
+
+
+def test_tiny_model_overfits_text():
+    model = text_model()
+    ids = torch.randint(0, 32, (4, 32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr = 3e-3)
+    first = None
+    for _ in range(200):
+        loss = model(ids)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1 * first, (first, loss.item())
+
+
+@pytest.mark.parametrize('option', [
+    dict(qk_norm = True), dict(unet_skips = True), dict(value_residual = True), dict(laser = True),
+    dict(checkpoint_activations = True), dict(dropout = 0.1),
+    dict(qk_norm = True, unet_skips = True, value_residual = True, laser = True),
+])
+def test_every_option_trains_with_gradients_everywhere(option):
+    model = text_model(**option)
+    model.train()
+    loss = model(torch.randint(0, 32, (2, 16)))
+    loss.backward()
+    assert torch.isfinite(loss)
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize('option', [dict(laser = True), dict(value_residual = True), dict(unet_skips = True)])
+def test_options_keep_cached_decoding_exact(option):
+    model = text_model(**option)
+    prompt = torch.randint(0, 32, (2, 3))
+    cached = model.generate_text_only(prompt, 20, temperature = 0.)
+    assert torch.equal(cached, model.generate_text_only(prompt, 20, temperature = 0., cache_kv = False))
+
+
+def test_text_only_validation():
+    model = text_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match = r'sample 1, item 0: text id 40'):
+        model(torch.tensor([[1, 2, 3], [4, 40, 5]]))
+    with pytest.raises(ValueError, match = 'shape'):
+        model(torch.tensor([1, 2, 3]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
