@@ -1,0 +1,216 @@
+"""Side-by-side benchmark of our `transfusion_pytorch` against the peer (transfusion-pytorch==0.20.0).
+
+Both libraries import as `transfusion_pytorch`, so each side runs in its own subprocess
+(`benchmarks/workloads.py --side ours|peer ...`) under its own interpreter / PYTHONPATH, and
+prints one JSON line that this driver collects. Per workload the two sides ALTERNATE, for
+`--rounds` rounds (ours, peer, peer, ours, ...: the order flips each round), each subprocess
+doing its warm-up (excluded) and `--repeats` timed calls. Reported figures are medians over
+all timed calls of all rounds; `spread` is the range of the per-round medians.
+
+Printed per workload: throughput (tokens/s for training and text generation; seconds per
+sample for modality generation), speedup of ours over the peer (> 1: ours faster), FLOPs per
+token of forward+backward (FlopCounterMode; a speedup from doing less work shows up here),
+MFU against the measured matmul peak, peak memory, and for modality generation the network
+function evaluations (NFE) each side did, which must match for a fair comparison.
+
+    bash benchmarks/setup_peer.sh                       # once: benchmarks/.peer-venv
+    python benchmarks/run.py --size cpu                 # both sides, CPU size
+    python benchmarks/run.py --size cpu --only peer     # the peer alone
+    bash benchmarks/gpu.sh                              # on the lent GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+WORKER = HERE / 'workloads.py'
+WORKLOADS = ('mixed_train', 'text_train', 'gen_text', 'gen_modality')
+DEFAULTS = {'cpu': dict(repeats=5, rounds=2), 'gpu': dict(repeats=5, rounds=1)}
+
+
+def default_python(venv: Path) -> str:
+    exe = venv / 'bin' / 'python'
+    return str(exe) if exe.exists() else sys.executable
+
+
+def run_worker(args, side: str, workload: str, flops: bool) -> dict:
+    """One subprocess; returns the worker's JSON (or an error record)."""
+    python = args.ours_python if side == 'ours' else args.peer_python
+    pythonpath = args.ours_pythonpath if side == 'ours' else args.peer_pythonpath
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    if pythonpath:
+        env['PYTHONPATH'] = pythonpath
+    cmd = [python, str(WORKER), '--side', side, '--workload', workload, '--size', args.size,
+           '--repeats', str(args.repeats)]
+    kwargs = args.ours_kwargs if side == 'ours' else args.peer_kwargs
+    if kwargs:
+        cmd += ['--kwargs', kwargs]
+    if not flops:
+        cmd.append('--no-flops')
+    started = time.perf_counter()
+    timeout = args.timeout
+    if args.budget:
+        timeout = min(timeout, args.budget - (started - args.t0))
+        if timeout < 15:
+            return dict(side=side, workload=workload, error='skipped: --budget spent', wall_s=0.0, stderr_tail='')
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        stdout, stderr, rc = err.stdout or '', err.stderr or '', 'timeout'
+        stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
+    lines = [line for line in stdout.splitlines() if line.startswith('BENCH_JSON ')]
+    result = json.loads(lines[-1][len('BENCH_JSON '):]) if lines else \
+        dict(side=side, workload=workload, error=f'worker exit {rc}, no result')
+    result['wall_s'] = time.perf_counter() - started
+    if 'error' in result:
+        result['stderr_tail'] = stderr[-3000:]
+    return result
+
+
+def summarize(runs: list[dict]) -> dict | None:
+    """Median over every timed call of every round of one side."""
+    good = [r for r in runs if 'times_s' in r]
+    if not good:
+        return None
+    times = [t for r in good for t in r['times_s']]
+    first = good[0]
+    med = statistics.median(times)
+    round_meds = [statistics.median(r['times_s']) for r in good]
+    rate = first['work_per_step'] / med
+    value = rate if first['unit'] == 'tok' else med
+    spread = sorted(first['work_per_step'] / m if first['unit'] == 'tok' else m for m in round_meds)
+    flops = next((r['flops_per_token'] for r in good if r.get('flops_per_token')), None)
+    return dict(value=value, unit='tok/s' if first['unit'] == 'tok' else 's/sample',
+                median_s=med, spread=[spread[0], spread[-1]], n_times=len(times),
+                flops_per_token=flops, peak_mem_mib=max((r.get('peak_mem_mib') or 0) for r in good),
+                mem_kind=first.get('mem_kind'), nfe=first.get('nfe'), params=first.get('params'),
+                fallback=first.get('fallback'), tok_per_s=rate if first['unit'] == 'tok' else None)
+
+
+def fmt(x, spec='.3g'):
+    return '-' if x is None else format(x, spec)
+
+
+def print_table(summary: dict, peak: float | None, sides: list[str]):
+    head = ['workload', 'metric'] + [f'{s}' for s in sides] + (['speedup'] if len(sides) == 2 else []) \
+        + [f'FLOP/tok {s}' for s in sides] + [f'MFU {s}' for s in sides] \
+        + [f'mem MiB {s}' for s in sides] + [f'NFE {s}' for s in sides]
+    rows = []
+    for workload, per_side in summary.items():
+        ss = [per_side.get(s) for s in sides]
+        unit = next((s['unit'] for s in ss if s), '-')
+        row = [workload, unit] + [fmt(s and s['value'], '.4g') + ('' if s else ' (failed)') for s in ss]
+        if len(sides) == 2:
+            ours, peer = ss
+            speed = None
+            if ours and peer:
+                speed = ours['value'] / peer['value'] if unit == 'tok/s' else peer['value'] / ours['value']
+            row.append(fmt(speed, '.2f') + ('x' if speed else ''))
+        row += [fmt(s and s['flops_per_token'], '.3g') for s in ss]
+        mfus = [(s['flops_per_token'] * s['tok_per_s'] / peak) if (s and peak and s['flops_per_token'] and s['tok_per_s']) else None for s in ss]
+        row += [fmt(m and 100 * m, '.1f') + ('%' if m else '') for m in mfus]
+        row += [fmt(s and max(s['peak_mem_mib'], 0), '.0f') for s in ss]
+        row += [fmt(s and s['nfe'], 'd') if s and s['nfe'] is not None else '-' for s in ss]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    for r in [head, ['-' * w for w in widths]] + rows:
+        print('  '.join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def describe(results: list[dict]):
+    """The sizes actually run, from the workers' own reports."""
+    seen = set()
+    for r in results:
+        if 'model_config' in r and 'model' not in seen:
+            seen.add('model')
+            params = {x['side']: x['params'] for x in results if x.get('params') and x['workload'] == r['workload']}
+            print(f"model: {r['model_config']}  (params: " + ', '.join(f'{s} {n / 1e6:.1f}M' for s, n in params.items()) + ')')
+        if 'workload_config' in r and r['workload'] not in seen:
+            seen.add(r['workload'])
+            print(f"{r['workload']}: {r['workload_config']}  (warm-up {r['warmup']}, {r['repeats']} timed per run, device {r.get('device_name', r['device'])}, torch {r['torch']}, threads {r['threads']})")
+    for r in results:
+        if r.get('fallback'):
+            print(f"NOTE {r['side']} {r['workload']}: fell back to {r['fallback']['kwargs']}: {r['fallback']['reason']}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--size', choices=('cpu', 'gpu'), default='cpu')
+    p.add_argument('--workloads', nargs='+', choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument('--repeats', type=int, help='timed calls per subprocess (default 5)')
+    p.add_argument('--rounds', type=int, help='alternating subprocess rounds per side (default: cpu 2, gpu 1)')
+    p.add_argument('--only', choices=('ours', 'peer'), help='run one side alone')
+    p.add_argument('--ours-python', default=default_python(REPO_ROOT / '.venv'))
+    p.add_argument('--peer-python', default=default_python(HERE / '.peer-venv'))
+    p.add_argument('--ours-pythonpath', default=str(REPO_ROOT), help='PYTHONPATH for ours (default: the repo)')
+    p.add_argument('--peer-pythonpath', default='', help='PYTHONPATH for the peer (GPU: /tmp/peer_site)')
+    p.add_argument('--ours-kwargs', default='', help='JSON merged into our constructor kwargs')
+    p.add_argument('--peer-kwargs', default='', help='JSON merged into the peer constructor kwargs')
+    p.add_argument('--timeout', type=float, default=600, help='seconds per subprocess')
+    p.add_argument('--budget', type=float, help='total seconds: later subprocesses are cut short or skipped')
+    p.add_argument('--no-peak', action='store_true', help='skip the matmul peak (no MFU)')
+    p.add_argument('--json', help='write raw results and the summary here (rewritten after each workload)')
+    args = p.parse_args()
+    args.t0 = time.perf_counter()
+    for key, value in DEFAULTS[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    sides = [args.only] if args.only else ['ours', 'peer']
+    results, summary, peak = [], {}, None
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(args=vars(args), peak_flops=peak, summary=summary,
+                                                       results=results), indent=1))
+
+    if not args.no_peak:
+        r = run_worker(args, sides[0], 'matmul_peak', flops=False)
+        results.append(r)
+        peak = r.get('peak_flops')
+        print(f"matmul peak: {fmt(peak and peak / 1e12, '.1f')} TFLOP/s ({r.get('dtype')} {r.get('n')}^3, "
+              f"{r.get('device_name', r.get('device'))})" + (f"  ERROR {r['error']}" if 'error' in r else ''), flush=True)
+
+    for workload in args.workloads:
+        per_side = {s: [] for s in sides}
+        for rnd in range(args.rounds):
+            for side in (sides if rnd % 2 == 0 else sides[::-1]):
+                r = run_worker(args, side, workload, flops=rnd == 0)
+                r['round'] = rnd
+                results.append(r)
+                per_side[side].append(r)
+                status = f"ERROR {r['error']}" if 'error' in r else \
+                    f"median {statistics.median(r['times_s']) * 1e3:.1f} ms/call over {len(r['times_s'])}"
+                print(f"[{workload} round {rnd} {side}] {status} ({r['wall_s']:.0f}s wall)", flush=True)
+                if 'error' in r:
+                    print('    ' + r['stderr_tail'][-1500:].replace('\n', '\n    '), flush=True)
+        summary[workload] = {s: summarize(per_side[s]) for s in sides}
+        save()
+
+    print()
+    describe(results)
+    print()
+    print_table(summary, peak, sides)
+    nfes = {s: summary.get('gen_modality', {}).get(s) for s in sides}
+    if len(sides) == 2 and all(nfes.values()) and nfes['ours']['nfe'] != nfes['peer']['nfe']:
+        print(f"\nWARNING gen_modality does unequal work: NFE ours {nfes['ours']['nfe']} vs peer "
+              f"{nfes['peer']['nfe']}; set MODALITY_STEPS in benchmarks/workloads.py so they match.")
+    print('\nspeedup: ours over peer (> 1 = ours faster); FLOP/tok: forward+backward of one training '
+          'step (FlopCounterMode, attention counted dense); MFU: FLOP/tok x tok/s / matmul peak; '
+          'mem: ' + ('CUDA max allocated' if args.size == 'gpu' else 'CPU RSS high-water growth') + '.')
+    save()
+
+
+if __name__ == '__main__':
+    main()

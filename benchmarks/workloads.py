@@ -1,0 +1,419 @@
+"""Benchmark workloads for `transfusion_pytorch`: ours and the peer (transfusion-pytorch==0.20.0).
+
+Both libraries have the import name `transfusion_pytorch`, so this file never sees both at
+once: `run.py` starts it as a worker under each side's interpreter and reads the JSON it prints.
+
+    python benchmarks/workloads.py --side peer --workload text_train --size cpu --repeats 5
+
+Workloads (each is a function `(model, cfg) -> Task`; `Task.step` is what gets timed):
+
+    mixed_train     one optimizer step on a batch of interleaved samples
+                    text + latent + text + latent + text (text = randint(0, 256), latent =
+                    randn(n, dim_latent)): forward loss, backward, AdamW step.
+                    Throughput counts text + latent tokens only (not the special/meta tokens
+                    each library adds). Also: peak memory, FLOPs per token of forward+backward.
+    text_train      the same step on a text-only batch `model(randint(0, 256, (b, n)))`.
+    gen_text        `generate_text_only(prompt (1, 1), seq_len = 1 + new_tokens,
+                    temperature = 1., min_p = 0.1, cache_kv = True)`: new tokens per second.
+    gen_modality    `generate_modality_only(batch_size = 1, modality_type = 0,
+                    fixed_modality_shape = (n,), modality_steps = 16)`: seconds per sample, and
+                    the network function evaluations (NFE) counted with a forward pre-hook on
+                    `model.transformer` during one extra, untimed call.
+    matmul_peak     the card's matmul peak (bf16 8192^3 on CUDA, fp32 2048^3 on CPU), for MFU.
+
+Timing: `warmup` untimed calls (compilation, autotuning, the peer's strategy router), then
+`repeats` calls, each bracketed by device synchronisation; the worker reports every time.
+Precision: bf16 autocast on CUDA (fp32 master weights), plain fp32 on CPU, for both sides.
+Peak memory: CUDA `max_memory_allocated` over the timed calls (weights + optimizer state +
+activations); CPU: growth of the resident set's high-water mark (VmHWM, reset through
+/proc/self/clear_refs where allowed) over the resident size before the first call.
+FLOPs: `torch.utils.flop_counter.FlopCounterMode` over forward + backward of a one-sample
+batch of the same per-sample structure (FLOPs per token do not depend on batch size), with
+`torch.compile` forced eager. It counts matmul-like ops; attention counts as dense
+(masked-out blocks are not subtracted) on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault('TQDM_DISABLE', '1')  # the peer's generate_text_only wraps its loop in tqdm
+os.environ.pop('TYPECHECK', None)           # the peer's optional runtime type checking stays off
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PEER_VERSION = '0.20.0'
+
+# ---------------------------------------------------------------------------------------------
+# Per-side settings: the ONE place to change what each library is asked to do.
+# Keys are merged (recursively, dicts into dicts) into the constructor kwargs built in
+# `build_model`; 'cpu' / 'cuda' pick by device. `run.py --ours-kwargs JSON` overrides too.
+
+OURS_FAST_KWARGS = {
+    'cpu': {},
+    'cuda': {},      # e.g. compile / CUDA-graph switches, once the library has them
+}
+
+PEER_BEST_KWARGS = {
+    'cpu': {},
+    'cuda': {'transformer': {'use_flex_attn': True}},  # the peer's documented fast path on CUDA
+}
+
+# If the peer's first warm-up call fails with its best settings (e.g. flex attention with the
+# fp32 queries/keys its qk-RMSNorm makes under bf16 autocast), the worker rebuilds the peer
+# with these merged in, records why in `fallback`, and goes on: a GPU run is one shot.
+PEER_FALLBACK_KWARGS = {
+    'cpu': None,
+    'cuda': {'transformer': {'use_flex_attn': False}},
+}
+
+# What `modality_steps` each side is given. The peer integrates on torch.linspace(0, 1, steps)
+# with torchdiffeq's midpoint method: steps - 1 intervals, 2 evaluations each (30 NFE for 16).
+# Set ours so that the NFE printed by run.py match (equal work).
+MODALITY_STEPS = {'ours': 16, 'peer': 16}
+
+# attribute holding the network that is evaluated once per ODE function evaluation
+NFE_MODULE_ATTR = {'ours': 'transformer', 'peer': 'transformer'}
+
+SIZES = {
+    # small enough for 2 CPU cores: the whole CPU benchmark takes a few minutes
+    'cpu': dict(
+        transformer=dict(dim=256, depth=4, heads=4, dim_head=64),
+        dim_latent=64, num_text_tokens=256,
+        mixed_batch=4, mixed_lengths=(64, 128, 64, 128, 32),  # text, latent, text, latent, text
+        text_batch=4, text_len=512,
+        gen_new_tokens=128,
+        modality_len=64,
+        warmup=dict(mixed_train=1, text_train=1, gen_text=1, gen_modality=1, matmul_peak=2),
+    ),
+    'gpu': dict(
+        transformer=dict(dim=1024, depth=12, heads=16, dim_head=64),
+        dim_latent=64, num_text_tokens=256,
+        mixed_batch=8, mixed_lengths=(128, 256, 128, 256, 64),
+        text_batch=8, text_len=2048,
+        gen_new_tokens=256,
+        modality_len=256,
+        warmup=dict(mixed_train=3, text_train=3, gen_text=2, gen_modality=2, matmul_peak=3),
+    ),
+}
+
+
+@dataclass
+class Task:
+    """What a workload hands the timer: `step` is timed; `work` is counted per step in `unit`."""
+    step: Callable[[], object]
+    work: float
+    unit: str                                   # 'tok' (report work / s) or 'sample' (report s)
+    flop_step: Callable[[], None] | None = None  # forward + backward for the FLOP count
+    flop_tokens: int = 0
+    info: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU (fp32)."""
+    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+
+
+def sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def force_eager():
+    """Run torch.compile'd code eagerly (FLOP counting, hooks); no-op on old torch."""
+    set_stance = getattr(torch.compiler, 'set_stance', None)
+    return set_stance('force_eager') if set_stance else nullcontext()
+
+
+def proc_status_kib(field_name: str) -> int | None:
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith(field_name + ':'):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_rss_peak() -> bool:
+    try:
+        Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def check_side(side: str, module) -> dict:
+    """Fail loudly if the interpreter imported the wrong `transfusion_pytorch`."""
+    import importlib.metadata as md
+    path = Path(module.__file__ or next(iter(module.__path__))).resolve()  # __file__: None if no __init__
+    in_repo = REPO_ROOT / 'transfusion_pytorch' in (path, path.parent)
+    try:
+        version = md.version('transfusion-pytorch')
+    except md.PackageNotFoundError:
+        version = None
+    if side == 'peer' and (in_repo or version != PEER_VERSION):
+        raise RuntimeError(f'--side peer imported {path} (version {version}); expected the PyPI {PEER_VERSION}')
+    if side == 'ours' and not in_repo:
+        raise RuntimeError(f'--side ours imported {path}, not {REPO_ROOT / "transfusion_pytorch"}')
+    return dict(library_file=str(path), library_version=version if side == 'peer' else 'repo')
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+def build_model(side: str, cfg: dict, device: torch.device, extra_kwargs: dict | None = None):
+    """Same shapes on both sides; each side gets its own fast/best settings merged in."""
+    import transfusion_pytorch
+    info = check_side(side, transfusion_pytorch)
+
+    t = cfg['transformer']
+    common = dict(num_text_tokens=cfg['num_text_tokens'], dim_latent=cfg['dim_latent'],
+                  modality_default_shape=(cfg['modality_len'],))
+    if side == 'ours':
+        kwargs = dict(common, transformer=dict(t, ff_mult=4.0))
+        kwargs = deep_merge(kwargs, OURS_FAST_KWARGS[device.type])
+    else:
+        # the peer's FeedForward is GEGLU with hidden int(dim * 4 * 2 / 3), as ours with ff_mult 4
+        kwargs = dict(common, transformer=dict(t, ff_expansion_factor=4))
+        kwargs = deep_merge(kwargs, PEER_BEST_KWARGS[device.type])
+    kwargs = deep_merge(kwargs, extra_kwargs or {})
+
+    torch.manual_seed(0)
+    model = transfusion_pytorch.Transfusion(**kwargs).to(device)
+    info.update(constructor_kwargs=kwargs, params=sum(p.numel() for p in model.parameters()))
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads
+
+def make_train_task(model, batch, flop_batch, tokens: int, flop_tokens: int, device) -> Task:
+    """forward loss + backward + AdamW step, the same for both sides."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
+
+    def forward_backward(b):
+        with autocast(device):
+            loss = model(b)
+        loss.backward()
+
+    def step():
+        forward_backward(batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def flop_step():
+        forward_backward(flop_batch)
+        optimizer.zero_grad(set_to_none=True)
+
+    return Task(step, tokens, 'tok', flop_step, flop_tokens)
+
+
+def mixed_train(model, cfg) -> Task:
+    device, gen = next(model.parameters()).device, torch.Generator().manual_seed(1)
+
+    def sample():
+        items = []
+        for i, n in enumerate(cfg['mixed_lengths']):
+            if i % 2 == 0:
+                items.append(torch.randint(0, 256, (n,), generator=gen).to(device))
+            else:
+                items.append(torch.randn(n, cfg['dim_latent'], generator=gen).to(device))
+        return items
+
+    batch = [sample() for _ in range(cfg['mixed_batch'])]
+    per_sample = sum(cfg['mixed_lengths'])
+    task = make_train_task(model, batch, [sample()], per_sample * len(batch), per_sample, device)
+    task.info = dict(batch=cfg['mixed_batch'], lengths=list(cfg['mixed_lengths']))
+    return task
+
+
+def text_train(model, cfg) -> Task:
+    device, gen = next(model.parameters()).device, torch.Generator().manual_seed(2)
+    b, n = cfg['text_batch'], cfg['text_len']
+    batch = torch.randint(0, 256, (b, n), generator=gen).to(device)
+    task = make_train_task(model, batch, batch[:1], b * n, n, device)
+    task.info = dict(batch=b, seq_len=n)
+    return task
+
+
+def gen_text(model, cfg) -> Task:
+    device, n = next(model.parameters()).device, cfg['gen_new_tokens']
+    model.eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+
+    def step():
+        with autocast(device):
+            return model.generate_text_only(prompt, 1 + n, temperature=1.0, min_p=0.1, cache_kv=True)
+
+    return Task(step, n, 'tok', info=dict(prompt=[1, 1], new_tokens=n, seq_len=1 + n))
+
+
+def gen_modality(model, cfg) -> Task:
+    device, n, steps = next(model.parameters()).device, cfg['modality_len'], MODALITY_STEPS[cfg['side']]
+    model.eval()
+
+    def step():
+        with autocast(device):
+            return model.generate_modality_only(batch_size=1, modality_type=0,
+                                                fixed_modality_shape=(n,), modality_steps=steps)
+
+    return Task(step, 1, 'sample', info=dict(latent_tokens=n, modality_steps=steps))
+
+
+def count_nfe(model, task: Task, side: str) -> int | None:
+    """Network evaluations in one call of `task.step`: a forward pre-hook on the network."""
+    net = getattr(model, NFE_MODULE_ATTR[side], None)
+    if net is None:
+        return None
+    calls = []
+    handle = net.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with force_eager():
+            task.step()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def count_flops_per_token(task: Task) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with force_eager(), counter:
+        task.flop_step()
+    return counter.get_total_flops() / task.flop_tokens
+
+
+def matmul_peak(device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median FLOP/s of a square matmul: bf16 8192^3 on CUDA, fp32 2048^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == 'cuda' else (2048, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    repeats = max(repeats, 20)  # one matmul is short: more repeats cost nothing
+    for i in range(warmup + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return dict(n=n, dtype=str(dtype), times_s=times, peak_flops=2 * n ** 3 / statistics.median(times))
+
+
+WORKLOADS = dict(mixed_train=mixed_train, text_train=text_train, gen_text=gen_text, gen_modality=gen_modality)
+
+
+# ---------------------------------------------------------------------------------------------
+# worker
+
+def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | None,
+                 extra_kwargs: dict | None, flops: bool) -> dict:
+    device = torch.device('cuda' if size == 'gpu' else 'cpu')
+    cfg = dict(SIZES[size], side=side)
+    warmup = max(1, cfg['warmup'][name] if warmup is None else warmup)  # the first call is a warm-up
+    result = dict(side=side, workload=name, size=size, device=str(device), torch=torch.__version__,
+                  threads=torch.get_num_threads(), repeats=repeats, warmup=warmup)
+    if device.type == 'cuda':
+        result['device_name'] = torch.cuda.get_device_name()
+
+    if name == 'matmul_peak':
+        result.update(matmul_peak(device, warmup, repeats))
+        return result
+
+    model, info = build_model(side, cfg, device, extra_kwargs)
+    task = WORKLOADS[name](model, cfg)
+    fallback = PEER_FALLBACK_KWARGS[device.type] if side == 'peer' else None
+    try:
+        task.step()  # first warm-up call
+    except Exception as err:
+        if fallback is None:
+            raise
+        result['fallback'] = dict(reason=f'{type(err).__name__}: {err}'[:500], kwargs=fallback)
+        del model, task
+        model, info = build_model(side, cfg, device, deep_merge(extra_kwargs or {}, fallback))
+        task = WORKLOADS[name](model, cfg)
+        task.step()
+    result.update(info, model_config=dict(transformer=cfg['transformer'], dim_latent=cfg['dim_latent']))
+    result.update(unit=task.unit, work_per_step=task.work, workload_config=task.info)
+
+    for _ in range(warmup - 1):
+        task.step()
+    sync(device)
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    rss_reset = reset_rss_peak()
+    rss_before = proc_status_kib('VmRSS')
+
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = task.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    result['times_s'] = times
+
+    if device.type == 'cuda':
+        result.update(peak_mem_mib=torch.cuda.max_memory_allocated() / 2 ** 20, mem_kind='cuda max allocated')
+    elif rss_before is not None:
+        result.update(peak_mem_mib=(proc_status_kib('VmHWM') - rss_before) / 1024,
+                      mem_kind='cpu RSS high-water growth' + ('' if rss_reset else ' (HWM not reset)'))
+
+    if torch.is_tensor(out):
+        result['output_shape'] = list(out.shape)
+    if name == 'gen_modality':
+        result['nfe'] = count_nfe(model, task, side)
+    if flops and task.flop_step is not None:
+        try:
+            result['flops_per_token'] = count_flops_per_token(task)
+        except Exception as err:  # a FLOP-count failure must not lose the timing
+            result['flops_error'] = f'{type(err).__name__}: {err}'[:500]
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--side', choices=('ours', 'peer'), required=True)
+    parser.add_argument('--workload', choices=(*WORKLOADS, 'matmul_peak'), required=True)
+    parser.add_argument('--size', choices=tuple(SIZES), default='cpu')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--warmup', type=int, default=None, help='default: per workload and size')
+    parser.add_argument('--kwargs', default='{}', help='JSON merged into the constructor kwargs')
+    parser.add_argument('--no-flops', action='store_true')
+    args = parser.parse_args()
+
+    try:
+        result = run_workload(args.side, args.workload, args.size, args.repeats, args.warmup,
+                              json.loads(args.kwargs), not args.no_flops)
+    except Exception as err:
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        result = dict(side=args.side, workload=args.workload, size=args.size,
+                      error=f'{type(err).__name__}: {err}'[:1000])
+    print('BENCH_JSON ' + json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+    main()
