@@ -97,7 +97,7 @@ class Attention(nn.Module):
         values = v
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k = apply_rotary(torch.stack((q, k)), *rotary).unbind(0)   # one rotation for both
 
         if cache is not None:
             k, v = write_to_cache(cache, k, v)
@@ -111,11 +111,16 @@ class Attention(nn.Module):
 
 
 def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Scatter new keys/values Float['b h n e'] into the static cache at Int['b n'] positions."""
+    """Write new keys/values Float['b h n e'] into the static cache at positions Int['b n'] (per
+    row), or Int['n'] (shared by all rows, a cheaper index copy)."""
     cache_keys, cache_values, positions = cache
-    index = positions[:, None, :, None].expand_as(k)
-    cache_keys.scatter_(2, index, k.to(cache_keys.dtype))
-    cache_values.scatter_(2, index, v.to(cache_values.dtype))
+    if positions.ndim == 1:
+        cache_keys.index_copy_(2, positions, k.to(cache_keys.dtype))
+        cache_values.index_copy_(2, positions, v.to(cache_values.dtype))
+    else:
+        index = positions[:, None, :, None].expand_as(k)
+        cache_keys.scatter_(2, index, k.to(cache_keys.dtype))
+        cache_values.scatter_(2, index, v.to(cache_values.dtype))
     return cache_keys, cache_values
 
 

@@ -43,7 +43,8 @@ class TransformerConfig:
     value_residual: every layer mixes in the first layer's values with a learned gate
         (value residual learning, Zhou et al. 2024).
     laser: attention on exponentiated values, log of the result (LASER, Duvvuri & Dhillon 2024).
-    compile_blocks: wrap each block in torch.compile for training and full-sequence forwards.
+    compile_blocks: torch.compile each block for training and full-sequence forwards, and the
+        text decode step of generate_text_only (with CUDA graphs on a GPU).
     checkpoint_activations: recompute block activations in the backward pass to save memory.
     """
     dim: int

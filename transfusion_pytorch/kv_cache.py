@@ -2,11 +2,13 @@
 
 Shapes never change after allocation, so decoding steps have static shapes (what CUDA graphs
 and torch.compile need). Each row of the batch is one sample; a step writes its new tokens'
-keys and values at per-row positions, and the attention mask (masks.prefix_mask) hides the
-slots a row has not written yet. Which slots are valid is the sampler's business, not the
-cache's.
+keys and values at given slots, and the attention mask hides the slots a row has not written
+yet. Which slots are valid is the sampler's business, not the cache's.
 
-Glossary: l layers, b batch, h heads, s cache slots, e head dim, n new tokens.
+Each layer owns separate key and value tensors (not views of one large tensor), so a compiled
+step can update them in place instead of copying the whole cache.
+
+Glossary: b batch, h heads, s cache slots, e head dim.
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from torch import Tensor
 
 
 class KVCache:
-    """keys, values: Float['l b h s e'], zero-initialised."""
+    """keys[layer], values[layer]: Float['b h s e'], zero-initialised."""
 
     def __init__(self, layers: int, batch: int, heads: int, slots: int, dim_head: int, device: torch.device, dtype: torch.dtype):
-        shape = (layers, batch, heads, slots, dim_head)
-        self.keys = torch.zeros(shape, device = device, dtype = dtype)
-        self.values = torch.zeros(shape, device = device, dtype = dtype)
+        shape = (batch, heads, slots, dim_head)
+        self.keys = [torch.zeros(shape, device = device, dtype = dtype) for _ in range(layers)]
+        self.values = [torch.zeros(shape, device = device, dtype = dtype) for _ in range(layers)]
 
     @classmethod
     def for_model(cls, model, batch: int, slots: int) -> 'KVCache':
@@ -35,25 +37,28 @@ class KVCache:
 
     @property
     def slots(self) -> int:
-        return self.keys.shape[3]
+        return self.keys[0].shape[2]
 
     @property
     def batch(self) -> int:
-        return self.keys.shape[1]
+        return self.keys[0].shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return self.keys + self.values
 
     def layer_views(self, write_positions: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per layer (keys, values, write_positions) for `Transformer.forward(cache=...)`.
-        write_positions: Int['b n'] slots the new tokens go to."""
-        return [(self.keys[layer], self.values[layer], write_positions) for layer in range(self.keys.shape[0])]
+        write_positions: Int['b n'] slots per row, or Int['n'] shared by all rows."""
+        return [(k, v, write_positions) for k, v in zip(self.keys, self.values)]
 
     def rows(self, index: Tensor) -> 'KVCache':
-        """A new cache holding copies of the given rows (for expanding a prompt over a batch)."""
+        """A new cache holding copies of the given rows."""
         subset = KVCache.__new__(KVCache)
-        subset.keys = self.keys[:, index].clone()
-        subset.values = self.values[:, index].clone()
+        subset.keys = [k[index] for k in self.keys]
+        subset.values = [v[index] for v in self.values]
         return subset
 
     def copy_rows_(self, source: 'KVCache', destination_rows: Tensor) -> None:
         """Write all rows of `source` into rows `destination_rows` of this cache."""
-        self.keys[:, destination_rows] = source.keys
-        self.values[:, destination_rows] = source.values
+        for mine, theirs in zip(self.tensors(), source.tensors()):
+            mine[destination_rows] = theirs

@@ -111,8 +111,10 @@ def mask_for_rule(rule: AttentionRule, backend: str) -> AttentionMask:
 
 
 def causal_mask(length: int, device: torch.device, backend: str) -> AttentionMask:
-    """Plain causal attention over equal-length rows (text-only training)."""
-    if resolve_backend(backend, device) == 'flex':
+    """Plain causal attention over equal-length rows (text-only training). 'auto' takes SDPA's
+    fused causal kernels (FlashAttention on CUDA), which need no mask at all; flex only when
+    forced."""
+    if backend == 'flex':
         return AttentionMask(block = causal_block_mask(length, device))
     return AttentionMask(is_causal = True)
 

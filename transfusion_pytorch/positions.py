@@ -26,9 +26,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate Float['b h n e'] by the angles; the two halves of e form the rotation pairs."""
-    dtype = x.dtype
-    x = x.float()
-    first, second = x.chunk(2, dim = -1)
+    """Rotate Float['... b h n e'] by the angles (cos, sin: Float['b 1 n e/2']); the two halves
+    of e form the rotation pairs. Computed in fp32, returned in x's dtype."""
+    first, second = x.float().chunk(2, dim = -1)
     rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim = -1)
-    return rotated.to(dtype)
+    return rotated.to(x.dtype)

@@ -10,10 +10,11 @@ Glossary: b batch, v vocabulary, p prompt length, s cache slots.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .kv_cache import KVCache
-from .masks import prefix_mask
+from .masks import AttentionMask
 
 
 def min_p_keep(logits: Tensor, min_p: float) -> Tensor:
@@ -49,31 +50,46 @@ def choose_tokens(
 
 
 class TextDecoder:
-    """Text-only decoding over a static cache: every step has the same shapes (tokens Int['b 1']
-    at positions Int['b']), so the step can be captured by CUDA graphs when compiled."""
+    """Text-only decoding over a static cache. All rows share their positions, so each step
+    writes one slot with an index copy and one mask Bool['1 1 q s'] serves every row and layer.
+    Shapes never change between steps (tokens Int['b 1'], position Int['1']), so the step can be
+    captured by CUDA graphs when compiled; the LM head computes text logits only."""
 
     def __init__(self, model, batch: int, slots: int, compile_step: bool = False):
         self.model = model
         self.cache = KVCache.for_model(model, batch, slots)
+        self.text_head = model.to_logits.weight[:model.config.num_text_tokens]
         self.step = self._step
         if compile_step:
-            torch._dynamo.mark_static_address(self.cache.keys)
-            torch._dynamo.mark_static_address(self.cache.values)
-            self.step = torch.compile(self._step, mode = 'reduce-overhead', fullgraph = True)
+            for tensor in self.cache.tensors():
+                torch._dynamo.mark_static_address(tensor)
+            mode = 'reduce-overhead' if model.device.type == 'cuda' else None
+            self.step = torch.compile(self._step, mode = mode, fullgraph = True, dynamic = False)
 
     def _step(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Feed Int['b q'] tokens written at slots positions[b] + (0..q-1); returns the last
-        position's logits Float['b v']."""
+        """Feed Int['b q'] tokens written at slots positions Int['q'] (shared by all rows);
+        returns the last position's text logits Float['b t']."""
         model = self.model
-        b, q = tokens.shape
-        slots = positions[:, None] + torch.arange(q, device = tokens.device)
-        mask = prefix_mask(positions, q, self.cache.slots)
-        hidden = model.transformer(model.token_embedding(tokens), slots, mask, cache = self.cache.layer_views(slots))
-        return model.to_logits(hidden[:, -1])
+        slot = torch.arange(self.cache.slots, device = tokens.device)
+        mask = AttentionMask(dense = (slot[None, :] <= positions[:, None])[None, None])   # (1, 1, q, s)
+        hidden = model.transformer(model.token_embedding(tokens), positions[None], mask, cache = self.cache.layer_views(positions))
+        return F.linear(hidden[:, -1], self.text_head)
 
     def prefill(self, prompt: Tensor) -> Tensor:
-        starts = torch.zeros(prompt.shape[0], dtype = torch.long, device = prompt.device)
-        return self._step(prompt, starts)
+        return self._step(prompt, torch.arange(prompt.shape[1], device = prompt.device))
+
+
+def text_decoder(model, batch: int, slots: int, compile_step: bool) -> TextDecoder:
+    """The model's decoder for this batch size and length, reused across calls so a compiled
+    step (and its CUDA graph) is built once. Reuse is safe: a prompt's prefill overwrites the
+    slots it needs and the mask hides the rest."""
+    dtype = KVCache.for_model(model, 1, 1).keys[0].dtype
+    key = (batch, slots, model.device, dtype, compile_step)
+    decoders = model.__dict__.setdefault('_text_decoders', {})
+    if key not in decoders:
+        decoders.clear()  # one cache alive at a time: they can be large
+        decoders[key] = TextDecoder(model, batch, slots, compile_step = compile_step)
+    return decoders[key]
 
 
 @torch.no_grad()
@@ -87,8 +103,8 @@ def generate_text_only(
     compile_step: bool = False,
 ) -> Tensor:
     """Continue Int['b p'] prompts to seq_len tokens; returns the Int['b (seq_len - p)'] new tokens.
-    Only text ids are produced (special tokens are masked out)."""
-    if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.is_floating_point():
+    Only text ids are produced (special tokens are never sampled)."""
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.is_floating_point() or prompt.dtype == torch.bool:
         raise ValueError(f'prompt must be integer token ids of shape (b, p) with p >= 1, got {tuple(prompt.shape)} {prompt.dtype}')
     text_count = model.config.num_text_tokens
     if bool(((prompt < 0) | (prompt >= text_count)).any()):
@@ -97,20 +113,19 @@ def generate_text_only(
     b, p = prompt.shape
     if seq_len <= p:
         return prompt.new_zeros((b, 0))
-    text_only = torch.zeros(model.vocab.size, dtype = torch.bool, device = model.device)
-    text_only[:text_count] = True
 
     out = torch.empty((b, seq_len), dtype = torch.long, device = model.device)
     out[:, :p] = prompt
     if cache_kv:
-        decoder = TextDecoder(model, b, seq_len, compile_step = compile_step)
+        decoder = text_decoder(model, b, seq_len, compile_step)
         logits = decoder.prefill(prompt)
-    for position in range(p, seq_len):
+        position = torch.full((1,), p, dtype = torch.long, device = model.device)
+    for index in range(p, seq_len):
         if not cache_kv:
-            logits = model.text_logits(out[:, :position])[:, -1]
-        token = choose_tokens(logits, temperature, min_p, allowed = text_only)
-        out[:, position] = token
-        if cache_kv and position + 1 < seq_len:
-            positions = torch.full((b,), position, dtype = torch.long, device = model.device)
-            logits = decoder.step(token[:, None], positions)
+            logits = model.text_logits(out[:, :index])[:, -1, :text_count]
+        token = choose_tokens(logits, temperature, min_p)
+        out[:, index] = token
+        if cache_kv and index + 1 < seq_len:
+            logits = decoder.step(token[:, None], position)
+            position += 1
     return out[:, p:]

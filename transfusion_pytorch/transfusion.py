@@ -354,14 +354,34 @@ class Transfusion(nn.Module):
         return torch.stack([sample[-1][1] for sample in samples])
 
     def generate_text_only(self, prompt: Tensor, seq_len: int, temperature: float = 1., min_p: float = 0.1,
-                           cache_kv: bool = True, compile_step: bool = False) -> Tensor:
+                           cache_kv: bool = True, compile_step: bool | None = None) -> Tensor:
         """Text-only continuation of Int['b p'] prompts to seq_len tokens in all; returns the new
-        tokens Int['b (seq_len - p)']. compile_step: torch.compile the decode step with CUDA
-        graphs (mode='reduce-overhead'), worth it on a GPU for long generations."""
+        tokens Int['b (seq_len - p)']. compile_step (default: the transformer's compile_blocks):
+        torch.compile the decode step, with CUDA graphs on a GPU; it is compiled once per batch
+        size and length and reused by later calls."""
         from .text_generation import generate_text_only
+        if compile_step is None:
+            compile_step = self.config.transformer.compile_blocks
         was_training = self.training
         self.eval()
         try:
             return generate_text_only(self, prompt, seq_len, temperature, min_p, cache_kv, compile_step)
         finally:
             self.train(was_training)
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints (checkpoint.py): thin entry points; the format and its guarantees live there
+
+    def save_pretrained(self, directory, include_coders: bool = False) -> None:
+        """Save config and weights to `directory`, atomically (a crash leaves the previous
+        checkpoint). Encoder/decoder weights only with include_coders=True; either way pass the
+        encoder/decoder modules again to `from_pretrained`."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, directory, include_coders = include_coders)
+
+    @classmethod
+    def from_pretrained(cls, directory, modality_encoder = None, modality_decoder = None, **kwargs) -> 'Transfusion':
+        """Rebuild a model saved by `save_pretrained`; see `checkpoint.load_pretrained` for the
+        keywords (train_modality_encoders, map_location, runtime options such as compile_blocks)."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(directory, modality_encoder, modality_decoder, model_class = cls, **kwargs)
