@@ -51,7 +51,7 @@ class CachedRunner:
             modulations = model.modalities.adaptive.per_block(time_embedding, token_instance)
         everyone = rows == list(range(self.cache.batch))
         cache = self.cache if everyone else self.cache.rows(torch.tensor(rows, device = x.device))
-        hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(positions))
+        hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(positions), compiled = False)
         if persist and not everyone:
             self.cache.copy_rows_(cache, torch.tensor(rows, device = x.device))
         return hidden
@@ -63,7 +63,7 @@ class CachedRunner:
         times = torch.ones(packed.num_instances, device = model.device)
         cache = self.cache.rows(torch.tensor([row], device = model.device))
         views = cache.layer_views(packed.positions[None])
-        hidden = model.packed_hidden(packed, [g.data for g in packed.groups], times, cache = views, kv_length = self.cache.slots)
+        hidden = model.packed_hidden(packed, [g.data for g in packed.groups], times, cache = views, kv_length = self.cache.slots, compiled = False)
         self.cache.copy_rows_(cache, torch.tensor([row], device = model.device))
         self.lengths[row] = packed.length
         return model.to_logits(hidden[-1]), packed.length
@@ -91,7 +91,7 @@ class CachedRunner:
         tokens, time_embedding = self._instance_tokens(modality, x_all, t.reshape(1).expand(len(all_rows)))
         token_instance = torch.arange(len(all_rows), device = x.device)[:, None].expand(-1, n)
         hidden = self._forward(all_rows, tokens, span, isolated, token_instance, time_embedding, persist = False)
-        velocity = model.modalities.velocity(modality, hidden)
+        velocity = model.modalities.velocity(modality, hidden).to(x.dtype)   # the ODE state's dtype
         if not guided:
             return velocity
         conditional, unconditional = velocity.chunk(2)
@@ -142,7 +142,7 @@ class UncachedRunner:
             flags = torch.zeros(packed.num_instances + 1, dtype = torch.bool, device = model.device)
             flags[[last_instance[d] for d in isolated_docs]] = True
             isolated = flags[packed.instance]
-        hidden = model.packed_hidden(packed, [g.data for g in packed.groups], times, isolated)
+        hidden = model.packed_hidden(packed, [g.data for g in packed.groups], times, isolated, compiled = False)
         return packed, hidden, last_instance
 
     def _last_logits(self, rows: list[int]) -> Tensor:
@@ -170,7 +170,7 @@ class UncachedRunner:
         packed, hidden, last_instance = self._run(sequences, {d: t for d in docs}, set(docs[len(rows):]) if guided else set())
         velocity = torch.stack([
             model.modalities.velocity(modality, hidden[packed.instance == last_instance[d]]) for d in docs
-        ])
+        ]).to(x.dtype)
         if not guided:
             return velocity
         conditional, unconditional = velocity.chunk(2)

@@ -24,6 +24,9 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
+FLEX_BLOCK = 128  # flex attention's default tile: packed sequences are padded to a multiple of it
+
+
 @dataclass
 class AttentionMask:
     """What one attention call needs; exactly one form is set, or none for full attention.
@@ -86,8 +89,9 @@ class AttentionRule:
         return allowed
 
     def block_mask(self) -> BlockMask:
-        n = self.length
-        return create_block_mask(self.mask_mod, B = None, H = None, Q_LEN = n, KV_LEN = n, device = self.document.device)
+        n, device = self.length, self.document.device
+        # compiling the mask builder pays off on CUDA; on CPU it only costs compile time
+        return create_block_mask(self.mask_mod, B = None, H = None, Q_LEN = n, KV_LEN = n, device = device, _compile = device.type == 'cuda')
 
 
 def causal_block_mask(length: int, device: torch.device) -> BlockMask:

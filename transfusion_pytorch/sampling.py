@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import flow
-from .batch import to_items
+from .batch import TextItem, to_items
 from .decoding import CachedRunner, UncachedRunner
 from .text_generation import choose_tokens
 from .tokens import ShapeDecoder, min_instance_length
@@ -79,6 +79,14 @@ class Sampler:
     def min_length(self, modality: int) -> int:
         spec = self.model.config.modalities[modality]
         return min_instance_length(spec.num_axes, spec.shape_tokens, self.fixed_shape(modality))
+
+    def remaining_need(self, row: Row) -> int:
+        """Fewest tokens the row's started instance still needs (latents and end token, plus the
+        rest of its shape when that is still to be decoded)."""
+        if row.phase == 'modality':
+            return math.prod(row.shape) + 1
+        spec = self.model.config.modalities[row.modality]
+        return min_instance_length(spec.num_axes, spec.shape_tokens, None) - 1
 
     # decisions
 
@@ -307,12 +315,15 @@ def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = 
     model.eval()
     try:
         for row, row_items in zip(rows, items):
-            row.logits, row.length = sampler.runner.prefill(row.index, row_items)
             if force_modality_at_start is not None:
-                if sampler.min_length(modality) > options.max_length - row.length and shape is None:
-                    raise ValueError(f'max_length={options.max_length} leaves no room for modality {modality} after the prompt')
                 sampler.start_modality(row, modality, shape)
                 row.stop_after_modality = stop_after_modality
+            # forced begin/shape tokens are known: encode them with the prompt in one forward
+            forced, row.queue = row.queue, []
+            opening = [TextItem(torch.tensor(forced, dtype = torch.long, device = model.device))] if forced else []
+            row.logits, row.length = sampler.runner.prefill(row.index, row_items + opening)
+            if force_modality_at_start is not None and sampler.remaining_need(row) > options.max_length - row.length:
+                raise ValueError(f'sample {row.index}: max_length={options.max_length} leaves no room for modality {modality} after the prompt')
         return sampler.loop(rows)
     finally:
         model.train(was_training)

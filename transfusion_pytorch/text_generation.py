@@ -72,7 +72,8 @@ class TextDecoder:
         model = self.model
         slot = torch.arange(self.cache.slots, device = tokens.device)
         mask = AttentionMask(dense = (slot[None, :] <= positions[:, None])[None, None])   # (1, 1, q, s)
-        hidden = model.transformer(model.token_embedding(tokens), positions[None], mask, cache = self.cache.layer_views(positions))
+        # compiled=False: the step is compiled as a whole (or not at all), never block by block
+        hidden = model.transformer(model.token_embedding(tokens), positions[None], mask, cache = self.cache.layer_views(positions), compiled = False)
         return F.linear(hidden[:, -1], self.text_head)
 
     def prefill(self, prompt: Tensor) -> Tensor:

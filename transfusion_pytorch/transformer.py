@@ -120,8 +120,8 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(config.dim)
         self._compiled_blocks = None
 
-    def _block_callables(self) -> list:
-        if not self.config.compile_blocks:
+    def _block_callables(self, compiled: bool) -> list:
+        if not (compiled and self.config.compile_blocks):
             return list(self.blocks)
         if self._compiled_blocks is None:
             self._compiled_blocks = [torch.compile(block) for block in self.blocks]
@@ -134,12 +134,15 @@ class Transformer(nn.Module):
         mask: AttentionMask,
         modulations: list[Modulation] | None = None,
         cache: list[tuple[Tensor, Tensor, Tensor]] | None = None,
+        compiled: bool = True,
     ) -> Tensor:
         """x: Float['b n d'] embeddings; positions: Int['b n'] or Int['1 n'] rotary positions.
         modulations: one per block, or None. cache: per block (keys, values, write_positions)
-        of a static KV cache, or None. Returns Float['b n d'] after the final norm."""
+        of a static KV cache, or None. compiled: use the compiled blocks when compile_blocks is
+        on (sampling passes False: its many distinct shapes would each recompile).
+        Returns Float['b n d'] after the final norm."""
         rotary = self.rotary(positions)
-        blocks = self._block_callables()
+        blocks = self._block_callables(compiled)
         first_values, skips = None, []
         use_checkpoint = self.config.checkpoint_activations and self.training and torch.is_grad_enabled()
         for index, block in enumerate(blocks):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import flow
 from .batch import PackedBatch, pack, to_items
 from .config import TransfusionConfig, build_config
-from .masks import AttentionMask, AttentionRule, causal_mask, mask_for_rule
+from .masks import FLEX_BLOCK, AttentionMask, AttentionRule, causal_mask, mask_for_rule, resolve_backend
 from .modality import Modalities
 from .tokens import Vocabulary
 from .transformer import Transformer
@@ -202,7 +202,7 @@ class Transfusion(nn.Module):
         return [torch.cat([flat[i] for i in range(len(flat)) if packed.instance_modality[i] == g.modality]) for g in packed.groups]
 
     def packed_hidden(self, packed: PackedBatch, group_inputs: list[Tensor], times: Tensor, isolated: Tensor | None = None,
-                      cache: list | None = None, kv_length: int | None = None) -> Tensor:
+                      cache: list | None = None, kv_length: int | None = None, compiled: bool = True) -> Tensor:
         """Hidden states Float['n d'] of a packed sequence whose latent groups take the inputs
         `group_inputs` (Float['l c'] each) at per-instance times Float['i'].
 
@@ -213,15 +213,25 @@ class Transfusion(nn.Module):
         for group, inputs in zip(packed.groups, group_inputs):
             tokens = self.modalities.embed(group.modality, inputs.to(x.dtype), time_embedding[group.instance])
             x = x.index_copy(0, group.index, tokens.to(x.dtype))
-        rule = AttentionRule(packed.document, packed.instance, isolated, bidirectional_instances = not self.config.causal_modality_attention)
+        n, positions, document, instance = x.shape[0], packed.positions, packed.document, packed.instance
+        backend = resolve_backend(self.config.transformer.attention_backend, x.device)
+        if cache is None and backend == 'flex':
+            # pad to whole flex blocks: full tiles, and few distinct lengths for torch.compile;
+            # pad tokens form their own causal document (-1), so no row is fully masked
+            pad = -n % FLEX_BLOCK
+            x = F.pad(x, (0, 0, 0, pad))
+            positions, instance = F.pad(positions, (0, pad)), F.pad(instance, (0, pad), value = -1)
+            document = F.pad(document, (0, pad), value = -1)
+            isolated = F.pad(isolated, (0, pad)) if isolated is not None else None
+        rule = AttentionRule(document, instance, isolated, bidirectional_instances = not self.config.causal_modality_attention)
         if cache is None:
-            mask = mask_for_rule(rule, self.config.transformer.attention_backend)
+            mask = mask_for_rule(rule, backend)
         else:
             mask = AttentionMask(dense = rule.dense(kv_length)[None, None])
         modulations = None
         if self.modalities.adaptive is not None and packed.groups:
-            modulations = self.modalities.adaptive.per_block(time_embedding, packed.instance[None])
-        return self.transformer(x[None], packed.positions[None], mask, modulations, cache = cache)[0]
+            modulations = self.modalities.adaptive.per_block(time_embedding, instance[None])
+        return self.transformer(x[None], positions[None], mask, modulations, cache = cache, compiled = compiled)[0, :n]
 
     def _unused_parameter_anchor(self, present: set[int]) -> Tensor:
         """Zero that depends on the parameters this batch did not use (absent modalities, time

@@ -1,0 +1,85 @@
+"""CUDA-only checks (skipped without a GPU): flex attention with its backward, bf16 training,
+compiled blocks, cached decoding and CUDA-graph text decoding on the device."""
+import pytest
+import torch
+from torch import randint, randn
+
+from transfusion_pytorch import Transfusion
+
+pytestmark = pytest.mark.gpu
+
+
+def model_on_cuda(**transformer):
+    torch.manual_seed(0)
+    return Transfusion(num_text_tokens = 32, dim_latent = (16, 8), modality_default_shape = ((2, 3), (4,)),
+                       transformer = dict(dim = 128, depth = 2, heads = 2, dim_head = 64, **transformer)).cuda()
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return [
+        [randint(0, 32, (9,), generator = g), randn(3, 5, 16, generator = g), randint(0, 32, (4,), generator = g)],
+        [(1, randn(7, 8, generator = g)), randint(0, 32, (3,), generator = g), randn(2, 2, 16, generator = g)],
+    ]
+
+
+def test_flex_and_sdpa_agree_with_gradients_on_cuda():
+    dense = model_on_cuda(attention_backend = 'sdpa')
+    flex = model_on_cuda(attention_backend = 'flex')
+    flex.load_state_dict(dense.state_dict())
+    times, noise = torch.rand(3), [randn(3, 5, 16), randn(7, 8), randn(2, 2, 16)]
+    losses = []
+    for model in (dense, flex):
+        loss = model(batch(), times = times, noise = noise)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], atol = 1e-4, rtol = 1e-4)
+    for (name, a), b in zip(dense.named_parameters(), flex.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol = 1e-4, rtol = 1e-3, msg = name)
+
+
+def test_bf16_autocast_training_is_finite_and_learns():
+    model = model_on_cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr = 1e-3)
+    data, times, noise = batch(), torch.rand(3), [randn(3, 5, 16), randn(7, 8), randn(2, 2, 16)]
+    first = None
+    for _ in range(100):
+        with torch.autocast('cuda', dtype = torch.bfloat16):
+            loss = model(data, times = times, noise = noise)
+        assert torch.isfinite(loss)
+        first = first or loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_compiled_blocks_match_eager():
+    eager = model_on_cuda()
+    compiled = model_on_cuda(compile_blocks = True)
+    compiled.load_state_dict(eager.state_dict())
+    times, noise = torch.rand(3), [randn(3, 5, 16), randn(7, 8), randn(2, 2, 16)]
+    torch.testing.assert_close(compiled(batch(), times = times, noise = noise), eager(batch(), times = times, noise = noise), atol = 1e-4, rtol = 1e-4)
+    ids = randint(0, 32, (2, 64)).cuda()
+    torch.testing.assert_close(compiled(ids), eager(ids), atol = 1e-4, rtol = 1e-4)
+
+
+def test_cached_equals_uncached_sampling_on_cuda():
+    model = model_on_cuda()
+    kwargs = dict(max_length = 60, text_temperature = 0., force_modality_at_start = 0, modality_steps = 3, seed = 0, show_progress = False)
+    cached, uncached = model.sample(cache_kv = True, **kwargs), model.sample(cache_kv = False, **kwargs)
+    assert len(cached) == len(uncached)
+    for a, b in zip(cached, uncached):
+        if isinstance(a, tuple):
+            torch.testing.assert_close(a[1], b[1], atol = 1e-4, rtol = 1e-4)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_cuda_graph_text_decoding_equals_eager():
+    model = model_on_cuda().eval()
+    prompt = randint(0, 32, (2, 3)).cuda()
+    eager = model.generate_text_only(prompt, 40, temperature = 0., compile_step = False)
+    graphed = model.generate_text_only(prompt, 40, temperature = 0., compile_step = True)
+    again = model.generate_text_only(prompt, 40, temperature = 0., compile_step = True)   # reuses the graph
+    assert torch.equal(eager, graphed) and torch.equal(graphed, again)
