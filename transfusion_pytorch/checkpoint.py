@@ -1,0 +1,412 @@
+"""Checkpoints that survive crashes and never unpickle arbitrary objects.
+
+A checkpoint is a directory with a JSON manifest and the payload file it names (both kinds may
+share a directory):
+- a pretrained model (`save_pretrained`/`load_pretrained`, or the Transfusion methods):
+  `config.json` (format version, library version, config, which modalities had an
+  encoder/decoder) and `weights-<hash>.pt`, a plain state dict;
+- a training state (`save_training_state`/`load_training_state`): `training_state.json` (format
+  version, config, step) and `state-<hash>.pt`: model, optimizer, EMA and scheduler state dicts,
+  RNG states and the caller's extras.
+
+Payloads are read with torch.load(weights_only=True): tensors and plain containers only, no code.
+Every file is written to a temporary file in the same directory, fsynced and moved into place
+with os.replace (atomic). Payloads are named by content hash and written before the manifest that
+names them, so replacing the manifest is the single commit point: after a crash at any moment the
+directory holds the previous checkpoint or the new one, whole; the next save removes leftovers.
+Loading checks each payload's sha256. One writer per directory at a time.
+
+Encoders/decoders (user modules the config does not describe) are passed again at load time;
+their weights are saved only with include_coders=True (in a training state, by default when they
+are trained) and are then loaded into the modules passed. Distributed: save on rank 0; DDP,
+AveragedModel and torch.compile wrappers are unwrapped; FSDP2 shards must be gathered first; the
+RNG states saved are the calling process's.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .config import TransfusionConfig
+from .version import __version__
+
+FORMAT_VERSION = 1
+PRETRAINED_MANIFEST = 'config.json'
+TRAINING_MANIFEST = 'training_state.json'
+_FORMATS = {PRETRAINED_MANIFEST: 'transfusion_pytorch.pretrained', TRAINING_MANIFEST: 'transfusion_pytorch.training_state'}
+_PAYLOAD_NAME = re.compile(r'(weights|state)-[0-9a-f]{16}\.pt')
+_TEMP_PREFIX = '.tmp-transfusion-'
+_CODER_PREFIXES = ('modalities.encoders.', 'modalities.decoders.')
+# transformer options that change how the network runs, not what it computes
+RUNTIME_OPTIONS = ('attention_backend', 'compile_blocks', 'checkpoint_activations')
+
+
+# atomic files
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (POSIX); Windows cannot open a directory, nor needs to."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _commit_file(directory: Path, write: Callable[[BinaryIO], str]) -> str:
+    """`write` fills a temporary file in `directory` and returns the final name; the file is
+    fsynced and renamed into place, so a reader sees the old file or the new one, never a part."""
+    fd, temp = tempfile.mkstemp(prefix = _TEMP_PREFIX, dir = directory)
+    try:
+        with os.fdopen(fd, 'wb') as file:
+            name = write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp, 0o644)                     # mkstemp makes it owner-only
+        os.replace(temp, directory / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_directory(directory)
+    return name
+
+
+class _HashingWriter:
+    """A write-only file that hashes what passes through, so a payload is hashed as it is saved."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_payload(directory: Path, kind: str, payload: dict) -> dict:
+    digest = {}
+
+    def write(file: BinaryIO) -> str:
+        writer = _HashingWriter(file)
+        torch.save(payload, writer)
+        digest['sha256'] = writer.sha256.hexdigest()
+        return f'{kind}-{digest["sha256"][:16]}.pt'
+
+    name = _commit_file(directory, write)
+    return {'name': name, 'sha256': digest['sha256']}
+
+
+def _save(directory: str | os.PathLike, manifest_name: str, manifest: dict, kind: str, payload: dict) -> None:
+    """Payload first, then the manifest (the commit point), then cleanup."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        directory.mkdir(parents = True)
+        _fsync_directory(directory.parent)
+    manifest = {'format': _FORMATS[manifest_name], 'format_version': FORMAT_VERSION,
+                'library_version': __version__, **manifest, 'payload': _write_payload(directory, kind, payload)}
+
+    def write_manifest(file: BinaryIO) -> str:
+        file.write(json.dumps(manifest, indent = 2).encode())
+        return manifest_name
+
+    _commit_file(directory, write_manifest)
+    _prune(directory)
+
+
+def _prune(directory: Path) -> None:
+    """Remove temporaries of interrupted saves and payloads no manifest names. If a manifest
+    cannot be read, keep everything: better a stale file than a deleted checkpoint."""
+    referenced = set()
+    for manifest_name in _FORMATS:
+        path = directory / manifest_name
+        if path.exists():
+            try:
+                referenced.add(json.loads(path.read_text())['payload']['name'])
+            except (ValueError, KeyError, TypeError, OSError):
+                return
+    for path in directory.iterdir():
+        stale = path.name.startswith(_TEMP_PREFIX) or (_PAYLOAD_NAME.fullmatch(path.name) and path.name not in referenced)
+        if stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+# reading
+
+def _read_manifest(directory: str | os.PathLike, manifest_name: str) -> dict:
+    path = Path(directory) / manifest_name
+    if not path.is_file():
+        raise FileNotFoundError(f'no checkpoint at {directory}: {manifest_name} is missing')
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f'{path} is not valid JSON: {error}') from error
+    if not isinstance(manifest, dict) or manifest.get('format') != _FORMATS[manifest_name]:
+        raise ValueError(f'{path} is not a {_FORMATS[manifest_name]} manifest')
+    version = manifest.get('format_version')
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f'{path} has no valid format_version (got {version!r})')
+    if version > FORMAT_VERSION:
+        raise ValueError(f'{path} has checkpoint format version {version}, written by a newer transfusion_pytorch '
+                         f'({manifest.get("library_version")}); this one ({__version__}) reads versions up to {FORMAT_VERSION}: upgrade it')
+    return manifest
+
+
+def _file_sha256(path: Path) -> str:
+    sha256 = hashlib.sha256()
+    with open(path, 'rb') as file:
+        for chunk in iter(lambda: file.read(1 << 20), b''):
+            sha256.update(chunk)
+    return sha256.hexdigest()
+
+
+def _read_payload(directory: str | os.PathLike, manifest: dict, map_location) -> dict:
+    entry = manifest.get('payload') or {}
+    name = entry.get('name', '')
+    if not isinstance(name, str) or not _PAYLOAD_NAME.fullmatch(name):      # also refuses paths like ../x
+        raise ValueError(f'checkpoint at {directory}: invalid payload name {name!r}')
+    path = Path(directory) / name
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint at {directory}: payload {name} is missing')
+    if _file_sha256(path) != entry.get('sha256'):
+        raise ValueError(f'{path} is corrupt: its sha256 does not match the manifest')
+    try:
+        return torch.load(path, map_location = map_location, weights_only = True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f'{path} holds objects other than tensors and plain containers; refusing to unpickle them: {error}') from error
+
+
+def _config_from_manifest(manifest: dict, where: str) -> TransfusionConfig:
+    try:
+        return TransfusionConfig.from_dict(manifest['config'])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f'{where}: the saved config cannot be read by transfusion_pytorch {__version__}: {error}') from error
+
+
+def load_config(directory: str | os.PathLike) -> TransfusionConfig:
+    """The TransfusionConfig of a pretrained checkpoint or, failing that, of a training state."""
+    name = PRETRAINED_MANIFEST if (Path(directory) / PRETRAINED_MANIFEST).exists() else TRAINING_MANIFEST
+    return _config_from_manifest(_read_manifest(directory, name), str(Path(directory) / name))
+
+
+# model state
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Transfusion inside DDP, AveragedModel (EMA) and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, AveragedModel)):
+            model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_coder_key(key: str, prefix: str) -> bool:
+    return any(key.startswith(prefix + p) for p in _CODER_PREFIXES)
+
+
+def _module_state(module: nn.Module, include_coders: bool, prefix: str = '') -> dict:
+    """A plain state dict (`prefix`: where the Transfusion sits, 'module.' inside an EMA)."""
+    state = module.state_dict()
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        if any(isinstance(v, DTensor) for v in state.values()):
+            raise TypeError('the model is sharded (FSDP2): gather a full state dict first, e.g. with torch.distributed.'
+                            'checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))')
+    return {k: v for k, v in state.items() if include_coders or not _is_coder_key(k, prefix)}
+
+
+def _check_state_fits(module: nn.Module, state: dict, with_coders: bool, where: str, prefix: str = '') -> None:
+    """Refuse, before anything is loaded, weights whose names or shapes differ from the module's."""
+    expected = {k: v.shape for k, v in module.state_dict().items() if with_coders or not _is_coder_key(k, prefix)}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f'{k}: saved {tuple(state[k].shape)}, model {tuple(expected[k])}'
+             for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        raise ValueError(f'{where}: the saved weights do not match the model built from the config '
+                         f'(missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]})')
+
+
+def _flat(data: dict, prefix: str = '') -> dict:
+    out = {}
+    for key, value in data.items():
+        out.update(_flat(value, f'{prefix}{key}.') if isinstance(value, dict) else {f'{prefix}{key}': value})
+    return out
+
+
+def _require_same_config(saved: TransfusionConfig, current: TransfusionConfig, where: str) -> None:
+    """Runtime options (RUNTIME_OPTIONS) may differ; anything that changes the model may not."""
+    saved_flat, current_flat = _flat(saved.to_dict()), _flat(current.to_dict())
+    runtime = {f'transformer.{name}' for name in RUNTIME_OPTIONS}
+    differ = [f'{k}: saved {saved_flat.get(k)!r}, model {current_flat.get(k)!r}'
+              for k in sorted(set(saved_flat) | set(current_flat)) if k not in runtime and saved_flat.get(k) != current_flat.get(k)]
+    if differ:
+        raise ValueError(f'{where}: the checkpoint was saved from a model with a different config: ' + '; '.join(differ))
+
+
+# pretrained models
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, include_coders: bool = False) -> None:
+    """Save a Transfusion model's config and weights to `directory` (atomically, see module doc).
+    include_coders: also save the encoders'/decoders' weights (their modules are still passed
+    again at load time)."""
+    model = _unwrap(model)
+    modalities = model.modalities
+    manifest = {
+        'config': model.config.to_dict(), 'modality_encoders': list(modalities.has_encoder),
+        'modality_decoders': list(modalities.has_decoder), 'train_modality_encoders': modalities.train_encoders,
+        'coder_weights': bool(include_coders),
+    }
+    _save(directory, PRETRAINED_MANIFEST, manifest, 'weights', _module_state(model, include_coders))
+
+
+def _check_coders(model: nn.Module, manifest: dict, where: str) -> None:
+    """A modality saved with an encoder/decoder needs one at load time: without it the model would
+    take raw data for latents (or return latents for data)."""
+    for kind, present in (('encoder', model.modalities.has_encoder), ('decoder', model.modalities.has_decoder)):
+        for modality, (was, now) in enumerate(zip(manifest.get(f'modality_{kind}s', ()), present)):
+            if was and not now:
+                raise ValueError(f'{where}: the model was saved with a modality_{kind} for modality {modality}; '
+                                 f'pass it again: from_pretrained(directory, modality_{kind}=...)')
+
+
+def load_pretrained(directory: str | os.PathLike, modality_encoder = None, modality_decoder = None, *,
+                    train_modality_encoders: bool | None = None, map_location = 'cpu', model_class: type | None = None,
+                    **runtime_options: Any) -> nn.Module:
+    """Rebuild a model saved by `save_pretrained`.
+
+    modality_encoder / modality_decoder: the modules (one, or one per modality) the model was
+        built with; required for every modality that had one when saved.
+    train_modality_encoders: defaults to the saved setting.
+    runtime_options: transformer options that do not change the weights (RUNTIME_OPTIONS), e.g.
+        `compile_blocks=True` or `attention_backend='flex'` for a GPU.
+    """
+    where = str(Path(directory) / PRETRAINED_MANIFEST)
+    manifest = _read_manifest(directory, PRETRAINED_MANIFEST)
+    config = _config_from_manifest(manifest, where)
+    unknown = set(runtime_options) - set(RUNTIME_OPTIONS)
+    if unknown:
+        raise ValueError(f'from_pretrained only overrides runtime options {RUNTIME_OPTIONS}, got {sorted(unknown)}; '
+                         'other settings are part of the saved model')
+    config = replace(config, transformer = replace(config.transformer, **runtime_options))
+    if model_class is None:
+        from .transfusion import Transfusion as model_class
+    if train_modality_encoders is None:
+        train_modality_encoders = bool(manifest.get('train_modality_encoders', False))
+    model = model_class.from_config(config, modality_encoder, modality_decoder, train_modality_encoders)
+    _check_coders(model, manifest, where)
+    state = _read_payload(directory, manifest, map_location)
+    with_coders = bool(manifest.get('coder_weights', False))
+    _check_state_fits(model, state, with_coders, where)
+    model.load_state_dict(state, strict = False)    # strict about everything but coders, checked above
+    return model
+
+
+# training state
+
+def make_ema(model: nn.Module, decay: float = 0.999) -> AveragedModel:
+    """An exponential moving average of `model`'s parameters (a deep copy; buffers follow the
+    model): `ema_p = decay * ema_p + (1 - decay) * p` on each `ema.update_parameters(model)`, called
+    after every optimizer step (the first call copies). Sample with `ema.module`; save it with
+    `save_pretrained(ema, directory)`. Pass the unwrapped model, not the DDP wrapper."""
+    return AveragedModel(_unwrap(model), multi_avg_fn = get_ema_multi_avg_fn(decay))
+
+
+def rng_state() -> dict:
+    """This process's RNG states: torch (CPU and initialised CUDA devices), Python's `random`,
+    and NumPy's global generator when NumPy is imported, as tensors and plain containers."""
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get('numpy')
+    if numpy is not None:
+        name, keys, position, has_gauss, cached = numpy.random.get_state(legacy = True)
+        state['numpy'] = (name, torch.from_numpy(keys.astype('int64')), position, has_gauss, cached)
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state['torch'].cpu())
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+    numpy = sys.modules.get('numpy')
+    if 'numpy' in state and numpy is not None:
+        name, keys, position, has_gauss, cached = state['numpy']
+        numpy.random.set_state((name, keys.cpu().numpy().astype('uint32'), position, has_gauss, cached))
+
+
+@dataclass
+class TrainingState:
+    """What `load_training_state` returns besides the objects it restores in place."""
+    step: int
+    extra: dict = field(default_factory = dict)
+
+
+def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
+                        ema: AveragedModel | None = None, scheduler = None, extra: dict | None = None,
+                        include_coders: bool | None = None) -> None:
+    """Save everything needed to resume training exactly: model, optimizer, EMA, scheduler, this
+    process's RNG states, the step and `extra` (tensors and plain containers only), atomically.
+    include_coders: save encoder/decoder weights; by default when they are trained."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f'step must be a non-negative int, got {step!r}')
+    model = _unwrap(model)
+    include = model.modalities.train_encoders if include_coders is None else bool(include_coders)
+    payload = {'model': _module_state(model, include), 'optimizer': optimizer.state_dict(), 'rng': rng_state(), 'extra': extra or {}}
+    if ema is not None:
+        payload['ema'] = _module_state(ema, include, prefix = 'module.')
+    if scheduler is not None:
+        payload['scheduler'] = scheduler.state_dict()
+    manifest = {'config': model.config.to_dict(), 'step': step, 'coder_weights': include,
+                'has_ema': ema is not None, 'has_scheduler': scheduler is not None}
+    _save(directory, TRAINING_MANIFEST, manifest, 'state', payload)
+
+
+def load_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                        ema: AveragedModel | None = None, scheduler = None, map_location = 'cpu',
+                        restore_rng: bool = True) -> TrainingState:
+    """Restore a `save_training_state` checkpoint into the given objects, built as they were when
+    saved (the model from `load_config(directory)`). Everything is checked before anything is
+    changed; the model's config must equal the saved one up to RUNTIME_OPTIONS."""
+    where = str(Path(directory) / TRAINING_MANIFEST)
+    manifest = _read_manifest(directory, TRAINING_MANIFEST)
+    model = _unwrap(model)
+    _require_same_config(_config_from_manifest(manifest, where), model.config, where)
+    payload = _read_payload(directory, manifest, map_location)
+    with_coders = bool(manifest.get('coder_weights', False))
+    _check_state_fits(model, payload['model'], with_coders, where)
+    for name, wanted in (('ema', ema), ('scheduler', scheduler)):
+        if wanted is not None and name not in payload:
+            raise ValueError(f'{where}: the training state was saved without {"an EMA" if name == "ema" else "a scheduler"}')
+    if ema is not None:
+        _check_state_fits(ema, payload['ema'], with_coders, where, prefix = 'module.')
+    if optimizer is not None:
+        optimizer.load_state_dict(payload['optimizer'])       # validates before it changes anything
+    model.load_state_dict(payload['model'], strict = False)
+    if ema is not None:
+        ema.load_state_dict(payload['ema'], strict = False)
+    if scheduler is not None:
+        scheduler.load_state_dict(payload['scheduler'])
+    if restore_rng:
+        set_rng_state(payload['rng'])
+    return TrainingState(step = int(manifest['step']), extra = payload['extra'])
