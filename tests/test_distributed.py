@@ -1,0 +1,225 @@
+"""Scaling out: DDP and FSDP2 under torchrun give single-process gradients, every parameter gets a
+gradient whatever the batch holds, blocks compile without graph breaks, and activation
+checkpointing does not change gradients.
+
+How per-rank losses combine. The loss is a mean over tokens (text cross-entropy over text
+targets, flow MSE over latent values per modality, then a weighted mean over the modalities
+present). DDP and FSDP2 average the ranks' gradients, i.e. they differentiate the mean of the
+per-rank losses. That equals the loss of the union batch exactly when every rank has the same
+number of text targets and of latent tokens per modality (the 'balanced' case). Otherwise (a rank
+without some modality, or different token counts) the union-batch loss weights tokens
+differently, and the single-process equivalent is the gradient of the mean of the per-rank losses;
+`test_union_batch_is_the_wrong_reference_when_ranks_differ` shows the two differ.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import randint, randn
+
+from transfusion_pytorch import Transfusion, TransfusionConfig
+
+from conftest import tiny_model
+
+WORKER = Path(__file__).with_name('distributed_worker.py')
+WRAPPINGS = ('ddp', 'fsdp_blocks', 'fsdp_model')
+
+
+def small_model(**transformer) -> Transfusion:
+    return tiny_model(time_conditioning = 'adaptive',
+                      transformer = dict(dim = 32, depth = 2, heads = 2, dim_head = 16, **transformer))
+
+
+def rank_input(seed: int, layout: str):
+    """(batch, times, noise) for one rank. 'full': both modalities; 'no_modality_1': fewer tokens
+    and no instance of modality 1; 'text_only': no modality at all."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: randint(0, 16, (n,), generator = g)
+    if layout == 'full':
+        batch = [[ids(5), randn(2, 3, 8, generator = g), ids(3)], [(1, randn(3, 4, generator = g)), ids(4)]]
+    elif layout == 'no_modality_1':
+        batch = [[ids(6), randn(1, 2, 8, generator = g)], [ids(2)]]
+    else:
+        batch = [[ids(7)], [ids(3)]]
+    instances = [item for sample in batch for item in sample if isinstance(item, tuple) or item.is_floating_point()]
+    latents = [item[1] if isinstance(item, tuple) else item for item in instances]
+    times = torch.rand(len(latents), generator = g)
+    return batch, times, [randn(x.shape, generator = g) for x in latents]
+
+
+CASES = {'balanced': ('full', 'full'), 'rank_without_a_modality': ('full', 'no_modality_1'), 'text_only_rank': ('full', 'text_only')}
+
+
+def case_inputs() -> dict:
+    return {case: [rank_input(rank + 10 * i, layout) for rank, layout in enumerate(layouts)]
+            for i, (case, layouts) in enumerate(CASES.items())}
+
+
+def reference_gradients(config: TransfusionConfig, state: dict, loss_of) -> dict:
+    model = Transfusion.from_config(config)
+    model.load_state_dict(state)
+    loss_of(model).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def union_gradients(config, state, per_rank) -> dict:
+    """Single process, one batch holding every rank's samples (times and noise in that order)."""
+    batch = [sample for b, _, _ in per_rank for sample in b]
+    times = torch.cat([t for _, t, _ in per_rank])
+    noise = [n for _, _, rank_noise in per_rank for n in rank_noise]
+    return reference_gradients(config, state, lambda model: model(batch, times = times, noise = noise))
+
+
+def rank_mean_gradients(config, state, per_rank) -> dict:
+    """Single process, the mean of the per-rank losses: what averaging gradients computes."""
+    return reference_gradients(config, state, lambda model: sum(
+        model(b, times = t, noise = n) for b, t, n in per_rank) / len(per_rank))
+
+
+def assert_same_gradients(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol = 1e-6, rtol = 1e-5, msg = lambda m: f'{name}: {m}')
+
+
+@pytest.fixture(scope = 'module')
+def torchrun_gradients(tmp_path_factory):
+    """Run the worker once under torchrun with 2 CPU processes; every distributed test reads it."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip('needs torch.distributed with the gloo backend')
+    torch.manual_seed(0)
+    model = small_model()
+    inputs = {'config': model.config.to_dict(), 'state': model.state_dict(), 'cases': case_inputs()}
+    workdir = tmp_path_factory.mktemp('torchrun')
+    torch.save(inputs, workdir / 'inputs.pt')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(WORKER), str(workdir)]
+    result = subprocess.run(command, capture_output = True, text = True, timeout = 240, env = {**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return model.config, inputs['state'], inputs['cases'], torch.load(workdir / 'grads.pt', weights_only = True)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize('wrapping', WRAPPINGS)
+def test_balanced_ranks_match_the_union_batch(torchrun_gradients, wrapping):
+    config, state, cases, grads = torchrun_gradients
+    assert_same_gradients(grads[f'{wrapping}/balanced'], union_gradients(config, state, cases['balanced']))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize('wrapping', WRAPPINGS)
+@pytest.mark.parametrize('case', ['rank_without_a_modality', 'text_only_rank'])
+def test_unequal_ranks_match_the_mean_of_rank_losses(torchrun_gradients, wrapping, case):
+    """A rank without modality 1 (or without any modality) still sends a gradient for every
+    parameter, so plain DDP (no find_unused_parameters) and FSDP2 run a second iteration and
+    agree with one process; modality 1's head learns from rank 0 alone."""
+    config, state, cases, grads = torchrun_gradients
+    actual = grads[f'{wrapping}/{case}']
+    assert_same_gradients(actual, rank_mean_gradients(config, state, cases[case]))
+    assert actual['modalities.projections.1.proj_out.weight'].abs().sum() > 0
+
+
+def test_union_batch_is_the_wrong_reference_when_ranks_differ():
+    torch.manual_seed(0)
+    model = small_model()
+    config, state = model.config, model.state_dict()
+    per_rank = case_inputs()['rank_without_a_modality']
+    union, mean = union_gradients(config, state, per_rank), rank_mean_gradients(config, state, per_rank)
+    assert not torch.allclose(union['to_logits.weight'], mean['to_logits.weight'], atol = 1e-5)
+    balanced = case_inputs()['balanced']
+    assert_same_gradients(union_gradients(config, state, balanced), rank_mean_gradients(config, state, balanced))
+
+
+@pytest.mark.parametrize('batch', [
+    pytest.param(lambda: [[randint(0, 16, (4,)), randn(2, 3, 8)]], id = 'no_modality_1'),
+    pytest.param(lambda: [[randint(0, 16, (4,))], [randint(0, 16, (2,))]], id = 'text_samples'),
+    pytest.param(lambda: randint(0, 16, (2, 6)), id = 'text_only_tensor'),
+    pytest.param(lambda: randn(2, 3, 4), id = 'modality_1_only'),
+])
+def test_every_parameter_gets_a_gradient_whatever_the_batch(batch):
+    """What lets DDP run without find_unused_parameters: absent parts get exact zero gradients."""
+    model = small_model()
+    data = batch()
+    model(data, modality_type = 1 if torch.is_tensor(data) and data.is_floating_point() else None).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+# compile and activation checkpointing
+
+def block_call(model: Transfusion, index: int = 1) -> tuple:
+    """The positional arguments one Block receives in a real training forward."""
+    captured = []
+    hook = model.transformer.blocks[index].register_forward_pre_hook(lambda module, args: captured.append(args))
+    try:
+        model([[randint(0, 16, (5,)), randn(2, 3, 8)], [(1, randn(3, 4)), randint(0, 16, (2,))]])
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize('options', [dict(), dict(qk_norm = True, value_residual = True, laser = True)], ids = ['plain', 'all_options'])
+def test_a_block_compiles_as_one_graph(options):
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward like
+    inductor would, without a C++ toolchain."""
+    model = small_model(**options)
+    block = model.transformer.blocks[1]
+    args = block_call(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph = True, backend = 'aot_eager')
+    out, _ = compiled(*args)
+    expected, _ = block(*args)
+    torch.testing.assert_close(out, expected)
+    grad, = torch.autograd.grad(out.square().sum(), block.attn.to_qkv.weight)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_compile_blocks_option_trains_with_fullgraph_blocks(monkeypatch):
+    """Through the real compile_blocks path, with torch.compile forced to fullgraph=True: the
+    training step compiles every block and gives the eager gradients."""
+    original, compiled = torch.compile, []
+
+    def fullgraph_compile(module, **kwargs):
+        compiled.append(module)
+        return original(module, fullgraph = True, backend = 'aot_eager')
+
+    monkeypatch.setattr(torch, 'compile', fullgraph_compile)
+    torch._dynamo.reset()
+    eager, fast = small_model(), small_model(compile_blocks = True)
+    fast.load_state_dict(eager.state_dict())
+    batch, times, noise = rank_input(0, 'full')
+    for model in (eager, fast):
+        model(batch, times = times, noise = noise).backward()
+    assert compiled == list(fast.transformer.blocks)
+    for (name, a), b in zip(eager.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol = 1e-6, rtol = 1e-5, msg = lambda m: f'{name}: {m}')
+
+
+def test_training_step_graph_breaks_stay_outside_the_blocks():
+    """Compiling the whole training step breaks only in batch packing and validation (host-side
+    by design), never in the transformer."""
+    model = small_model()
+    batch, times, noise = rank_input(0, 'full')
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(batch, times = times, noise = noise)
+    inside = [reason.reason for reason in explanation.break_reasons
+              if any(Path(frame.filename).name in ('transformer.py', 'attention.py', 'positions.py') for frame in reason.user_stack)]
+    assert explanation.graph_count >= 1 and not inside, inside
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """With dropout on: checkpointing replays the RNG state, so recomputation draws the same masks."""
+    plain = small_model(dropout = 0.1)
+    checkpointed = small_model(dropout = 0.1, checkpoint_activations = True)
+    checkpointed.load_state_dict(plain.state_dict())
+    batch, times, noise = rank_input(0, 'full')
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        model(batch, times = times, noise = noise).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol = 1e-6, rtol = 1e-5, msg = lambda m: f'{name}: {m}')
