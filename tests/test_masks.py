@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_mask
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from transfusion_pytorch.attention import attend
 from transfusion_pytorch.masks import AttentionMask, AttentionRule, causal_mask, mask_for_rule, prefix_mask
@@ -94,3 +94,18 @@ def test_prefix_mask_equals_rule_rows():
     assert torch.equal(isolated, expected)
     text = prefix_mask(torch.tensor([5]), 1, 10).dense[0, 0, 0]
     assert text.tolist() == [True] * 6 + [False] * 4
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_block_mask_tiles_match_create_block_mask(seed):
+    """Our tile classification equals flex's own create_block_mask on the same rule."""
+    document, instance, isolated = random_layout(seed, samples = 12)
+    rule = AttentionRule(document, instance, isolated)
+    n = len(document)
+    ours = rule.block_mask()
+    reference = create_block_mask(rule.mask_mod, None, None, n, n, device = 'cpu')
+    assert n > 128
+    assert torch.equal(ours.to_dense(), reference.to_dense())
+    partial_ours = ours.kv_num_blocks.sum().item()
+    assert partial_ours == reference.kv_num_blocks.sum().item()
+    assert ours.full_kv_num_blocks.sum().item() == reference.full_kv_num_blocks.sum().item()

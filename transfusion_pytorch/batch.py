@@ -21,6 +21,7 @@ Glossary: n packed tokens, l latent tokens of one modality, c its dim_latent, i 
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -129,8 +130,10 @@ def canonical_latent(data: Tensor, config: TransfusionConfig, modality: int, whe
 Encode = Callable[[int, list[tuple[int, int, Tensor]]], list[Tensor]]
 
 
-def to_items(batch, config: TransfusionConfig, encode: Encode) -> list[Sample]:
-    """Validate and normalise a batch into lists of TextItem / ModalityItem (encoders applied)."""
+def to_items(batch, config: TransfusionConfig, encode: Encode) -> tuple[list[Sample], 'ValueCheck']:
+    """Validate and normalise a batch into lists of TextItem / ModalityItem (encoders applied).
+    Types and shapes are checked here; the values' check is returned, to be raised by the caller
+    (at once, or after queueing device work when the batch lives on an accelerator)."""
     parsed = parse_samples(batch, config.num_modalities)
     raw_by_modality: dict[int, list[tuple[int, int, Tensor]]] = {}
     for s, sample in enumerate(parsed):
@@ -150,30 +153,45 @@ def to_items(batch, config: TransfusionConfig, encode: Encode) -> list[Sample]:
         for j, (kind, modality, data) in enumerate(sample):
             items.append(TextItem(data) if kind == 'text' else ModalityItem(modality, latents[s, j]))
         samples.append(items)
-    check_values(samples, config)
-    return samples
+    return samples, ValueCheck(samples, config)
 
 
-def check_values(samples: list[Sample], config: TransfusionConfig) -> None:
-    """Ids in range and finite latents, one host sync for the whole batch."""
-    texts = [(s, j, item.ids) for s, sample in enumerate(samples) for j, item in enumerate(sample) if isinstance(item, TextItem) and item.ids.numel()]
-    mods = [(s, j, item.data) for s, sample in enumerate(samples) for j, item in enumerate(sample) if isinstance(item, ModalityItem)]
-    flags = []
-    if texts:
-        ids = torch.cat([t.reshape(-1).to(texts[0][2].device) for _, _, t in texts])
-        flags.append(((ids < 0) | (ids >= config.num_text_tokens)).any())
-    if mods:
-        flags.append(torch.stack([~torch.isfinite(x).all() for _, _, x in mods]).to(flags[0].device if flags else mods[0][2].device).any())
-    if not flags or not torch.stack([f.to(flags[0].device) for f in flags]).any().item():
-        return
-    for s, j, t in texts:
-        bad = (t < 0) | (t >= config.num_text_tokens)
-        if bad.any():
-            value = int(t[bad][0])
-            raise ValueError(f'{_where(s, j)}: text id {value} is outside [0, num_text_tokens={config.num_text_tokens}); ids at and above {config.num_text_tokens} are reserved for special tokens')
-    for s, j, x in mods:
-        if not torch.isfinite(x).all():
-            raise ValueError(f'{_where(s, j)}: modality latent contains NaN or inf values')
+class ValueCheck:
+    """Text ids in range and finite latents for a whole batch, as one flag.
+
+    Host tensors are checked at once. For device tensors the flag stays on the device, so the
+    caller can queue work first and pay the single host sync in `raise_if_invalid` later,
+    without stalling the device; until then nothing may change the model (the packed ids are
+    clamped, so a bad id cannot trigger a device-side assert)."""
+
+    def __init__(self, samples: list[Sample], config: TransfusionConfig):
+        self.config = config
+        self.texts = [(s, j, item.ids) for s, sample in enumerate(samples) for j, item in enumerate(sample) if isinstance(item, TextItem) and item.ids.numel()]
+        self.latents = [(s, j, item.data) for s, sample in enumerate(samples) for j, item in enumerate(sample) if isinstance(item, ModalityItem)]
+        flags = []
+        if self.texts:
+            ids = torch.cat([t.reshape(-1).to(self.texts[0][2].device) for _, _, t in self.texts])
+            flags.append(((ids < 0) | (ids >= config.num_text_tokens)).any())
+        if self.latents:
+            device = self.latents[0][2].device
+            values = torch.cat([x.reshape(-1).to(device) for _, _, x in self.latents])
+            flags.append(~torch.isfinite(values).all())
+        device = flags[0].device if flags else torch.device('cpu')
+        self.flag = torch.stack([f.to(device) for f in flags]).any() if flags else None
+        if self.flag is not None and self.flag.device.type == 'cpu':
+            self.raise_if_invalid()
+
+    def raise_if_invalid(self) -> None:
+        if self.flag is None or not self.flag.item():
+            return
+        limit = self.config.num_text_tokens
+        for s, j, t in self.texts:
+            bad = (t < 0) | (t >= limit)
+            if bad.any():
+                raise ValueError(f'{_where(s, j)}: text id {int(t[bad][0])} is outside [0, num_text_tokens={limit}); ids at and above {limit} are reserved for special tokens')
+        for s, j, x in self.latents:
+            if not torch.isfinite(x).all():
+                raise ValueError(f'{_where(s, j)}: modality latent contains NaN or inf values')
 
 
 # packing
@@ -249,17 +267,18 @@ class _Layout:
         self.length += count
 
 
-def _spans(starts: list[int], lengths: list[int]) -> Tensor:
-    """Concatenated aranges start..start+length-1, Int['sum(lengths)']."""
-    lengths_t = torch.tensor(lengths, dtype = torch.long)
-    offsets = torch.repeat_interleave(torch.tensor(starts, dtype = torch.long) - torch.cumsum(lengths_t, 0) + lengths_t, lengths_t)
-    return offsets + torch.arange(int(lengths_t.sum()))
+@dataclass
+class _Instances:
+    modality: list = field(default_factory = list)
+    shape: list = field(default_factory = list)
+    sample: list = field(default_factory = list)
+    followed_by_text: list = field(default_factory = list)
+    data: list = field(default_factory = list)
 
 
-def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, device: torch.device, close: bool = True) -> PackedBatch:
-    """Lay samples out back to back. close: end each sample with EOS (training); prompts stay open."""
-    layout = _Layout()
-    sample_slices, inst_modality, inst_shape, inst_sample, inst_followed, inst_data = [], [], [], [], [], []
+def _lay_out(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, close: bool):
+    """Walk the samples once, recording where every token goes (host-side lists only)."""
+    layout, instances, sample_slices = _Layout(), _Instances(), []
     for s, sample in enumerate(samples):
         start = layout.length
         layout.special([vocab.bos], target = False)
@@ -273,47 +292,75 @@ def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, de
             layout.latents(count)
             if item.wrapped:
                 layout.special([vocab.end[item.modality]], target = False)
-            inst_modality.append(item.modality)
-            inst_shape.append(item.shape)
-            inst_sample.append(s)
-            inst_followed.append(any(isinstance(later, TextItem) and later.ids.numel() for later in sample[j + 1:]))
-            inst_data.append(item.data.reshape(count, -1))
+            instances.modality.append(item.modality)
+            instances.shape.append(item.shape)
+            instances.sample.append(s)
+            instances.followed_by_text.append(any(isinstance(later, TextItem) and later.ids.numel() for later in sample[j + 1:]))
+            instances.data.append(item.data.reshape(count, -1))
         if close:
             layout.special([vocab.eos], target = True)
         sample_slices.append((start, layout.length))
+    return layout, instances, sample_slices
 
+
+def _host_index_arrays(layout: _Layout, instances: _Instances, sample_slices: list, modalities: list[int]) -> dict[str, array]:
+    """Every per-token integer array of the packed batch, built in plain Python: tiny torch ops
+    on the host wake the intra-op thread pool each time, which measured ~2 ms per op on a
+    16-thread host (benchmarks/results/h200_profile.log) and far worse on a contended one."""
     n = layout.length
-    lengths = torch.tensor([b - a for a, b in sample_slices])
-    document = torch.repeat_interleave(torch.arange(len(samples)), lengths)
-    positions = torch.arange(n) - torch.repeat_interleave(torch.tensor([a for a, _ in sample_slices]), lengths)
-    instance = torch.full((n,), -1, dtype = torch.long)
-    token_ids = torch.zeros(n, dtype = torch.long)
-    token_ids[torch.tensor(layout.special_positions, dtype = torch.long)] = torch.tensor(layout.special_ids, dtype = torch.long)
-    if layout.instance_starts:
-        latent_positions = _spans(layout.instance_starts, layout.instance_lengths)
-        instance_of_token = torch.repeat_interleave(torch.arange(len(layout.instance_starts)), torch.tensor(layout.instance_lengths))
-        instance[latent_positions] = instance_of_token
-    targets = torch.tensor(sorted(layout.target_positions), dtype = torch.long)
+    token_ids, instance = array('q', bytes(8 * n)), array('q', [-1]) * n
+    for position, token in zip(layout.special_positions, layout.special_ids):
+        token_ids[position] = token
+    for i, (a, count) in enumerate(zip(layout.instance_starts, layout.instance_lengths)):
+        instance[a:a + count] = array('q', [i]) * count
+    document, positions = array('q'), array('q')
+    for s, (a, b) in enumerate(sample_slices):
+        document.extend(array('q', [s]) * (b - a))
+        positions.extend(range(b - a))
+    text_positions = array('q')
+    for a, ids in zip(layout.text_starts, layout.text_ids):
+        text_positions.extend(range(a, a + ids.numel()))
+    arrays = dict(token_ids = token_ids, document = document, positions = positions, instance = instance,
+                  targets = array('q', layout.target_positions), text_positions = text_positions,
+                  followed = array('q', map(int, instances.followed_by_text)))
+    for modality in modalities:
+        index, owner = array('q'), array('q')
+        for i, m in enumerate(instances.modality):
+            if m == modality:
+                a, count = layout.instance_starts[i], layout.instance_lengths[i]
+                index.extend(range(a, a + count))
+                owner.extend(array('q', [i]) * count)
+        arrays[f'index_{modality}'], arrays[f'instance_{modality}'] = index, owner
+    return arrays
 
-    to = lambda t: t.to(device, non_blocking = True)
-    token_ids, positions, document, instance, targets = map(to, (token_ids, positions, document, instance, targets))
+
+def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, device: torch.device, close: bool = True) -> PackedBatch:
+    """Lay samples out back to back. close: end each sample with EOS (training); prompts stay open."""
+    layout, instances, sample_slices = _lay_out(samples, config, vocab, close)
+    modalities = sorted(set(instances.modality))
+    arrays = _host_index_arrays(layout, instances, sample_slices, modalities)
+    joined = array('q')
+    for values in arrays.values():
+        joined.extend(values)
+    flat = torch.frombuffer(joined, dtype = torch.long) if joined else torch.zeros(0, dtype = torch.long)
+    flat = flat.to(device, copy = True)                                          # one transfer for all of them
+    host = dict(zip(arrays, flat.split([len(v) for v in arrays.values()])))
+
+    token_ids = host['token_ids']
     nonempty = [t for t in layout.text_ids if t.numel()]
     if nonempty:
-        text_positions = to(_spans(layout.text_starts, [t.numel() for t in layout.text_ids]))
-        token_ids = token_ids.index_put((text_positions,), torch.cat([t.to(device).long() for t in nonempty]))
-
-    groups = []
-    for modality in sorted(set(inst_modality)):
-        members = [i for i, m in enumerate(inst_modality) if m == modality]
-        groups.append(LatentGroup(
-            modality = modality,
-            index = to(_spans([layout.instance_starts[i] for i in members], [layout.instance_lengths[i] for i in members])),
-            data = torch.cat([inst_data[i].to(device) for i in members]),
-            instance = to(torch.repeat_interleave(torch.tensor(members), torch.tensor([layout.instance_lengths[i] for i in members]))),
-        ))
+        text_ids = torch.cat([t.to(device).long() for t in nonempty]).clamp(0, vocab.size - 1)  # see ValueCheck
+        token_ids = token_ids.index_put((host['text_positions'],), text_ids)
+    groups = [
+        LatentGroup(
+            modality = modality, index = host[f'index_{modality}'], instance = host[f'instance_{modality}'],
+            data = torch.cat([instances.data[i].to(device) for i, m in enumerate(instances.modality) if m == modality]),
+        )
+        for modality in modalities
+    ]
     return PackedBatch(
-        token_ids = token_ids, positions = positions, document = document, instance = instance,
-        loss_index = targets - 1, loss_targets = token_ids[targets], groups = groups,
-        instance_modality = inst_modality, instance_shape = inst_shape, instance_sample = inst_sample,
-        instance_followed_by_text = to(torch.tensor(inst_followed, dtype = torch.bool)), sample_slices = sample_slices,
+        token_ids = token_ids, positions = host['positions'], document = host['document'], instance = host['instance'],
+        loss_index = host['targets'] - 1, loss_targets = token_ids[host['targets']], groups = groups,
+        instance_modality = instances.modality, instance_shape = instances.shape, instance_sample = instances.sample,
+        instance_followed_by_text = host['followed'].bool(), sample_slices = sample_slices,
     )

@@ -51,6 +51,8 @@ class CachedRunner:
             modulations = model.modalities.adaptive.per_block(time_embedding, token_instance)
         everyone = rows == list(range(self.cache.batch))
         cache = self.cache if everyone else self.cache.rows(torch.tensor(rows, device = x.device))
+        # eager blocks: compiled ones measured slower here on an H200 (0.475 s vs 0.404 s per 256-token
+        # modality, benchmarks/results/h200_profile.log); the cost is launch overhead, not arithmetic
         hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(positions), compiled = False)
         if persist and not everyone:
             self.cache.copy_rows_(cache, torch.tensor(rows, device = x.device))

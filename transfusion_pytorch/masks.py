@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from einops import rearrange
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
@@ -89,9 +90,34 @@ class AttentionRule:
         return allowed
 
     def block_mask(self) -> BlockMask:
-        n, device = self.length, self.document.device
-        # compiling the mask builder pays off on CUDA; on CPU it only costs compile time
-        return create_block_mask(self.mask_mod, B = None, H = None, Q_LEN = n, KV_LEN = n, device = device, _compile = device.type == 'cuda')
+        """The rule as a BlockMask, classified tile by tile (empty, partial, full) by evaluating
+        `allows` on chunks of query tiles: a few elementwise passes on the device, no compilation
+        and no per-batch recompilation (unlike create_block_mask on a new closure every batch)."""
+        n, device, tile = self.length, self.document.device, FLEX_BLOCK
+        tiles = -(-n // tile)
+        key = torch.arange(tiles * tile, device = device)
+        any_allowed, all_allowed = [], []
+        chunk = max(1, (1 << 24) // (tiles * tile * tile))          # ~16M mask entries at a time
+        for first in range(0, tiles, chunk):
+            query = torch.arange(first * tile, min(tiles, first + chunk) * tile, device = device)
+            inside = (query < n)[:, None] & (key < n)[None, :]
+            allowed = self.allows(query.clamp(max = n - 1)[:, None], key.clamp(max = n - 1)[None, :]) & inside
+            by_tile = lambda mask: rearrange(mask, '(qt qi) (kt ki) -> qt kt (qi ki)', qi = tile, ki = tile)
+            any_allowed.append(by_tile(allowed).any(dim = -1))
+            all_allowed.append(by_tile(allowed | ~inside).all(dim = -1))       # padding counts as allowed
+        any_allowed, all_allowed = torch.cat(any_allowed), torch.cat(all_allowed)
+        full = any_allowed & all_allowed
+        partial = any_allowed & ~all_allowed
+        return BlockMask.from_kv_blocks(*_tile_lists(partial), *_tile_lists(full), BLOCK_SIZE = tile,
+                                        mask_mod = self.mask_mod, seq_lengths = (n, n))
+
+
+def _tile_lists(flags: Tensor) -> tuple[Tensor, Tensor]:
+    """Bool['qt kt'] -> (count Int['1 1 qt'], indices Int['1 1 qt kt']) of the True key tiles
+    per query tile, listed first, as BlockMask.from_kv_blocks expects."""
+    count = flags.sum(dim = -1, dtype = torch.int32)
+    order = flags.to(torch.int8).argsort(dim = -1, descending = True, stable = True).to(torch.int32)
+    return count[None, None], order[None, None]
 
 
 def causal_block_mask(length: int, device: torch.device) -> BlockMask:

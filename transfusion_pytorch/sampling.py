@@ -331,4 +331,6 @@ def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = 
 
 def model_items(model, prompts: list[list]) -> list[list]:
     """Validate prompts like training samples (encoders applied)."""
-    return to_items(prompts, model.config, model.modalities.encode)
+    samples, check = to_items(prompts, model.config, model.modalities.encode)
+    check.raise_if_invalid()
+    return samples

@@ -139,7 +139,7 @@ class Transformer(nn.Module):
         """x: Float['b n d'] embeddings; positions: Int['b n'] or Int['1 n'] rotary positions.
         modulations: one per block, or None. cache: per block (keys, values, write_positions)
         of a static KV cache, or None. compiled: use the compiled blocks when compile_blocks is
-        on (sampling passes False: its many distinct shapes would each recompile).
+        on (prompt prefills pass False: their many distinct lengths would each recompile).
         Returns Float['b n d'] after the final norm."""
         rotary = self.rotary(positions)
         blocks = self._block_callables(compiled)

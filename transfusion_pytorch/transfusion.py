@@ -123,8 +123,9 @@ class Transfusion(nn.Module):
         if torch.is_tensor(batch) and not batch.is_floating_point():
             breakdown = self._text_only_loss(batch)
         else:
-            packed = self.pack(self._as_samples(batch, modality_type))
+            packed, check = self.pack(self._as_samples(batch, modality_type), defer_check = True)
             breakdown = self._packed_loss(packed, times, noise)
+            check.raise_if_invalid()   # after queueing the forward: one sync, no stall
         return (breakdown.total, breakdown) if return_breakdown else breakdown.total
 
     def _as_samples(self, batch, modality_type: int | None):
@@ -138,26 +139,35 @@ class Transfusion(nn.Module):
             raise ValueError('modality_type applies to a floating tensor batch (modality-only training), not to a list of samples')
         return batch
 
-    def pack(self, batch, close: bool = True) -> PackedBatch:
-        """Validate a list of samples and lay it out as one packed sequence on the model's device."""
-        samples = to_items(batch, self.config, self.modalities.encode)
-        return pack(samples, self.config, self.vocab, self.device, close = close)
+    def pack(self, batch, close: bool = True, defer_check: bool = False):
+        """Validate a list of samples and lay it out as one packed sequence on the model's device.
+        defer_check: also return the batch's ValueCheck instead of raising at once (see batch.py)."""
+        samples, check = to_items(batch, self.config, self.modalities.encode)
+        if not defer_check:
+            check.raise_if_invalid()
+        packed = pack(samples, self.config, self.vocab, self.device, close = close)
+        return (packed, check) if defer_check else packed
 
     def _text_only_loss(self, ids: Tensor) -> LossBreakdown:
         if ids.ndim != 2 or ids.shape[1] < 2:
             raise ValueError(f'text-only training expects token ids of shape (b, n) with n >= 2, got {tuple(ids.shape)}')
-        if ids.dtype == torch.bool:
-            raise TypeError('text-only training expects integer token ids, got a bool tensor')
-        bad = (ids < 0) | (ids >= self.config.num_text_tokens)
-        if bad.any():
-            row, column = bad.nonzero()[0].tolist()
-            raise ValueError(f'sample {row}, item 0: text id {int(ids[row, column])} at position {column} is outside [0, num_text_tokens={self.config.num_text_tokens})')
+        if ids.dtype == torch.bool or ids.is_complex():
+            raise TypeError(f'text-only training expects integer token ids, got {ids.dtype}')
+        limit = self.config.num_text_tokens
+        invalid = ((ids < 0) | (ids >= limit)).any()
+        if invalid.device.type == 'cpu':
+            self._raise_for_text_ids(ids, invalid)
         ids = ids.to(self.device).long()
-        logits = self.text_logits(ids)[:, :-1]
-        text = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        zero = text.new_zeros(())
+        logits = self.text_logits(ids.clamp(0, limit - 1))[:, :-1]   # clamped: no device assert before the check
+        text = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        self._raise_for_text_ids(ids, invalid)                       # device batches: one sync, after queueing
         total = self.config.text_loss_weight * text + self._unused_parameter_anchor(set())
-        return LossBreakdown(total = total, text = text, flow = zero, flow_per_modality = {})
+        return LossBreakdown(total = total, text = text, flow = text.new_zeros(()), flow_per_modality = {})
+
+    def _raise_for_text_ids(self, ids: Tensor, invalid: Tensor) -> None:
+        if invalid.item():
+            row, column = ((ids < 0) | (ids >= self.config.num_text_tokens)).nonzero()[0].tolist()
+            raise ValueError(f'sample {row}, item 0: text id {int(ids[row, column])} at position {column} is outside [0, num_text_tokens={self.config.num_text_tokens})')
 
     def text_logits(self, ids: Tensor) -> Tensor:
         """Float['b n v'] next-token logits for text-only rows Int['b n'] (causal attention)."""
