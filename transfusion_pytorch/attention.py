@@ -18,6 +18,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
+from . import experts as experts_module
+from .experts import Routing
 from .masks import AttentionMask
 from .positions import apply_rotary
 
@@ -28,17 +30,20 @@ def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> 
     """flex_attention is only fast compiled; compile it once per process, lazily."""
     global _compiled_flex_attention
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask = mask.block)
+        return flex_attention(q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic = False)
-    return _compiled_flex_attention(q, k, v, block_mask = mask.block)
+    return _compiled_flex_attention(q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float = 0.) -> Tensor:
     """Float['b h n e'] queries against Float['b h k e'] keys and values under `mask`."""
     if mask.uses_flex:
         return run_flex_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask = mask.dense, is_causal = mask.is_causal, dropout_p = dropout)
+    attn_mask = mask.dense
+    if mask.bias is not None:
+        attn_mask = mask.bias.to(q.dtype).masked_fill(~mask.dense, float('-inf'))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask = attn_mask, is_causal = mask.is_causal, dropout_p = dropout)
 
 
 class HeadRMSNorm(nn.Module):
@@ -62,14 +67,15 @@ class Attention(nn.Module):
         qk_norm: bool = False,
         value_residual: bool = False,
         laser: bool = False,
+        experts: int = 1,
     ):
         super().__init__()
         self.heads = heads
         self.dropout = dropout
         self.laser = laser
         dim_inner = heads * dim_head
-        self.to_qkv = nn.Linear(dim, 3 * dim_inner, bias = False)
-        self.to_out = nn.Linear(dim_inner, dim, bias = False)
+        self.to_qkv = experts_module.linear(dim, 3 * dim_inner, experts, bias = False)
+        self.to_out = experts_module.linear(dim_inner, dim, experts, bias = False)
         self.q_norm = HeadRMSNorm(heads, dim_head) if qk_norm else None
         self.k_norm = HeadRMSNorm(heads, dim_head) if qk_norm else None
         # gate in (0, 1) per token and head for mixing the first layer's values in
@@ -82,15 +88,18 @@ class Attention(nn.Module):
         mask: AttentionMask,
         first_values: Tensor | None = None,
         cache: tuple[Tensor, Tensor, Tensor] | None = None,
+        routing: Routing | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x: Float['b n d']. rotary: (cos, sin) for the n tokens.
         first_values: the first layer's values Float['b h n e'] (value residual learning).
         cache: (keys, values, write_positions): keys and values Float['b h k e'] of a static
             KV cache, updated in place at write_positions Int['b n']; attention then runs over
             the whole cache and `mask` must hide the slots not yet written.
+        routing: which expert projections each token uses (mixture of experts by modality).
         Returns the output Float['b n d'] and this layer's values (for value residual learning).
         """
-        q, k, v = rearrange(self.to_qkv(x), 'b n (three h e) -> three b h n e', three = 3, h = self.heads)
+        qkv = experts_module.apply(self.to_qkv, x, routing)
+        q, k, v = rearrange(qkv, 'b n (three h e) -> three b h n e', three = 3, h = self.heads)
         if self.to_value_mix is not None and first_values is not None:
             mix = rearrange(self.to_value_mix(x).sigmoid(), 'b n h -> b h n 1')
             v = v.lerp(first_values, mix)
@@ -107,7 +116,7 @@ class Attention(nn.Module):
             out = laser_attend(q, k, v, mask, dropout)
         else:
             out = attend(q, k, v, mask, dropout)
-        return self.to_out(rearrange(out, 'b h n e -> b n (h e)')), values
+        return experts_module.apply(self.to_out, rearrange(out, 'b h n e -> b n (h e)'), routing), values
 
 
 def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -219,6 +219,7 @@ class PackedBatch:
     instance_sample: list[int]
     instance_followed_by_text: Tensor  # Bool['i']
     sample_slices: list[tuple[int, int]]
+    instance_starts: list[int]       # packed position of each instance's first latent token
 
     @property
     def num_instances(self) -> int:
@@ -363,4 +364,5 @@ def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, de
         loss_index = host['targets'] - 1, loss_targets = token_ids[host['targets']], groups = groups,
         instance_modality = instances.modality, instance_shape = instances.shape, instance_sample = instances.sample,
         instance_followed_by_text = host['followed'].bool(), sample_slices = sample_slices,
+        instance_starts = layout.instance_starts,
     )

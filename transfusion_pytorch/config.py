@@ -7,7 +7,7 @@ modules can trust their inputs. The README style (`dim_latent=(384, 192)`,
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Sequence
 
 AttentionBackend = Literal['auto', 'sdpa', 'flex']
@@ -43,6 +43,9 @@ class TransformerConfig:
     value_residual: every layer mixes in the first layer's values with a learned gate
         (value residual learning, Zhou et al. 2024).
     laser: attention on exponentiated values, log of the result (LASER, Duvvuri & Dhillon 2024).
+    experts: number of expert weight sets for the attention projections and feed-forward
+        layers; the caller routes each token (Transfusion sets 1 + number of modalities when
+        modality_experts is on). 1: an ordinary transformer.
     compile_blocks: torch.compile each block for training and full-sequence forwards, and the
         text decode step of generate_text_only (with CUDA graphs on a GPU).
     checkpoint_activations: recompute block activations in the backward pass to save memory.
@@ -59,11 +62,12 @@ class TransformerConfig:
     unet_skips: bool = False
     value_residual: bool = False
     laser: bool = False
+    experts: int = 1
     compile_blocks: bool = False
     checkpoint_activations: bool = False
 
     def __post_init__(self):
-        for name in ('dim', 'depth', 'heads', 'dim_head'):
+        for name in ('dim', 'depth', 'heads', 'dim_head', 'experts'):
             _require(_is_positive_int(getattr(self, name)), f'transformer.{name} must be a positive int, got {getattr(self, name)!r}')
         _require(self.dim_head % 2 == 0, f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')
         _require(isinstance(self.ff_mult, (int, float)) and self.ff_mult > 0, f'transformer.ff_mult must be a positive number, got {self.ff_mult!r}')
@@ -126,6 +130,13 @@ class TransfusionConfig:
     causal_modality_attention: attention inside a modality instance causal instead of
         bidirectional (the paper's ablation; off for real use).
     max_shape_value: the largest axis length the shape tokens may encode.
+    axial_rotary: latent tokens get axial rotary positions over their grid (one rotary section
+        per axis) instead of their raster index; text keeps 1-D rotary. Needs every modality's
+        number of axes (a default shape).
+    alibi_heads: this many heads add N-d ALiBi inside modality instances: a bias that falls
+        linearly with the Euclidean distance of two latent tokens on the instance's grid.
+    modality_experts: separate attention projections and feed-forward weights for text and for
+        each modality, attention shared (mixture of experts by modality).
     """
     num_text_tokens: int
     transformer: TransformerConfig
@@ -138,6 +149,9 @@ class TransfusionConfig:
     condition_dropout: float = 0.
     causal_modality_attention: bool = False
     max_shape_value: int = 9999
+    axial_rotary: bool = False
+    alibi_heads: int = 0
+    modality_experts: bool = False
 
     def __post_init__(self):
         _require(_is_positive_int(self.num_text_tokens), f'num_text_tokens must be a positive int, got {self.num_text_tokens!r}')
@@ -148,6 +162,15 @@ class TransfusionConfig:
         _require(self.time_conditioning in ('additive', 'adaptive'), f"time_conditioning must be 'additive' or 'adaptive', got {self.time_conditioning!r}")
         _require(_is_probability(self.condition_dropout), f'condition_dropout must be in [0, 1), got {self.condition_dropout!r}')
         _require(_is_positive_int(self.max_shape_value), f'max_shape_value must be a positive int, got {self.max_shape_value!r}')
+        _require(isinstance(self.alibi_heads, int) and 0 <= self.alibi_heads <= self.transformer.heads,
+                 f'alibi_heads must be an int in [0, heads={self.transformer.heads}], got {self.alibi_heads!r}')
+        _require(not self.axial_rotary or all(m.num_axes is not None for m in self.modalities),
+                 'axial_rotary needs every modality\'s number of axes: give each a modality_default_shape')
+        _require(not self.axial_rotary or self.transformer.dim_head // 2 >= 1 + self.max_axes,
+                 f'axial_rotary splits the dim_head / 2 rotary frequencies into 1 + {self.max_axes} sections: dim_head must be at least {2 * (1 + self.max_axes)}')
+        experts = 1 + self.num_modalities if self.modality_experts else 1
+        _require(self.transformer.experts == experts,
+                 f'transformer.experts must be {experts} with modality_experts={self.modality_experts} (build with Transfusion(...) or build_config, which set it)')
         for index, modality in enumerate(self.modalities):
             for axis in modality.default_shape or ():
                 _require(axis <= self.max_shape_value, f'modality {index} default shape {modality.default_shape} exceeds max_shape_value={self.max_shape_value}')
@@ -155,6 +178,11 @@ class TransfusionConfig:
     @property
     def num_modalities(self) -> int:
         return len(self.modalities)
+
+    @property
+    def max_axes(self) -> int:
+        """Most axes of any modality (at least 1), for axial positions."""
+        return max([m.num_axes or 0 for m in self.modalities] + [1])
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable form (tuples become lists)."""
@@ -242,4 +270,6 @@ def build_config(
     )
     unknown = set(model_options) - {f.name for f in fields(TransfusionConfig)}
     _require(not unknown, f'unknown Transfusion options {sorted(unknown)}')
+    if model_options.get('modality_experts'):
+        transformer = replace(transformer, experts = 1 + count)
     return TransfusionConfig(num_text_tokens = num_text_tokens, transformer = transformer, modalities = modalities, **model_options)

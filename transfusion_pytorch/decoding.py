@@ -17,12 +17,15 @@ Glossary: b rows, n instance tokens, c dim_latent, d model dim, v vocabulary, s 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .batch import ModalityItem, TextItem, pack
 from .kv_cache import KVCache
 from .masks import prefix_mask
+from .token_layout import step_alibi, step_positions, step_routing
 
 
 def check_prompt_fits(row: int, length: int, max_length: int) -> None:
@@ -39,21 +42,28 @@ class CachedRunner:
     def _starts(self, rows: list[int]) -> Tensor:
         return torch.tensor([self.lengths[r] for r in rows], dtype = torch.long, device = self.model.device)
 
-    def _forward(self, rows: list[int], x: Tensor, span: int, isolated: Tensor | None = None,
-                 token_instance: Tensor | None = None, time_embedding: Tensor | None = None, persist: bool = True) -> Tensor:
-        """Run Float['b q d'] new tokens of `rows` at their next slots; returns Float['b q d']."""
-        model, q = self.model, x.shape[1]
+    def _forward(self, rows: list[int], x: Tensor, span: int, modality: int | None = None, shape: tuple[int, ...] | None = None,
+                 isolated: Tensor | None = None, time_embedding: Tensor | None = None, persist: bool = True) -> Tensor:
+        """Run Float['b q d'] new tokens of `rows` at their next slots; returns Float['b q d'].
+        With `shape`, the first prod(shape) tokens are the latents of one instance of `modality`."""
+        model, (b, q) = self.model, x.shape[:2]
+        latents = math.prod(shape) if shape is not None else 0
         starts = self._starts(rows)
-        positions = starts[:, None] + torch.arange(q, device = x.device)
-        mask = prefix_mask(starts, q, self.cache.slots, bidirectional_span = span, isolated = isolated)
+        slots = starts[:, None] + torch.arange(q, device = x.device)
+        positions = step_positions(model.config, starts, q, shape)
+        alibi = step_alibi(model, shape) if shape is not None else None
+        mask = prefix_mask(starts, q, self.cache.slots, bidirectional_span = span, isolated = isolated, instance_bias = alibi)
         modulations = None
         if model.modalities.adaptive is not None and time_embedding is not None:
+            token_instance = torch.arange(b, device = x.device)[:, None].expand(-1, q)
+            token_instance = torch.where(torch.arange(q, device = x.device) < latents, token_instance, -1)   # text-like: none
             modulations = model.modalities.adaptive.per_block(time_embedding, token_instance)
+        routing = step_routing(model.config, modality, b, q, latents, x.device)
         everyone = rows == list(range(self.cache.batch))
         cache = self.cache if everyone else self.cache.rows(torch.tensor(rows, device = x.device))
         # eager blocks: compiled ones measured slower here on an H200 (0.475 s vs 0.404 s per 256-token
         # modality, benchmarks/results/h200_profile.log); the cost is launch overhead, not arithmetic
-        hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(positions), compiled = False)
+        hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(slots), compiled = False, routing = routing)
         if persist and not everyone:
             self.cache.copy_rows_(cache, torch.tensor(rows, device = x.device))
         return hidden
@@ -84,28 +94,26 @@ class CachedRunner:
         tokens = modalities.embed(modality, x.to(time_embedding.dtype), time_embedding[:, None])
         return tokens.to(self.model.token_embedding.weight.dtype), time_embedding
 
-    def velocity(self, rows: list[int], modality: int, x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
+    def velocity(self, rows: list[int], modality: int, shape: tuple[int, ...], x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
         model, b, n = self.model, x.shape[0], x.shape[1]
         span = 0 if model.config.causal_modality_attention else n
         guided = cfg_scale != 1
         all_rows, x_all = (rows + rows, torch.cat((x, x))) if guided else (rows, x)
         isolated = torch.arange(len(all_rows), device = x.device) >= b if guided else None
         tokens, time_embedding = self._instance_tokens(modality, x_all, t.reshape(1).expand(len(all_rows)))
-        token_instance = torch.arange(len(all_rows), device = x.device)[:, None].expand(-1, n)
-        hidden = self._forward(all_rows, tokens, span, isolated, token_instance, time_embedding, persist = False)
+        hidden = self._forward(all_rows, tokens, span, modality, shape, isolated, time_embedding, persist = False)
         velocity = model.modalities.velocity(modality, hidden).to(x.dtype)   # the ODE state's dtype
         if not guided:
             return velocity
         conditional, unconditional = velocity.chunk(2)
         return unconditional + cfg_scale * (conditional - unconditional)
 
-    def commit(self, rows: list[int], modality: int, x1: Tensor) -> Tensor:
+    def commit(self, rows: list[int], modality: int, shape: tuple[int, ...], x1: Tensor) -> Tensor:
         model, b, n = self.model, x1.shape[0], x1.shape[1]
         tokens, time_embedding = self._instance_tokens(modality, x1, torch.ones(b, device = x1.device))
         end = model.token_embedding(torch.full((b, 1), model.vocab.end[modality], device = x1.device))
         span = 0 if model.config.causal_modality_attention else n
-        token_instance = torch.cat((torch.arange(b, device = x1.device)[:, None].expand(-1, n), torch.full((b, 1), -1, device = x1.device)), dim = 1)
-        hidden = self._forward(rows, torch.cat((tokens, end), dim = 1), span, None, token_instance, time_embedding)
+        hidden = self._forward(rows, torch.cat((tokens, end), dim = 1), span, modality, shape, None, time_embedding)
         for r in rows:
             self.lengths[r] += n + 1
         return model.to_logits(hidden[:, -1])
@@ -162,10 +170,10 @@ class UncachedRunner:
             self._append_tokens(r, [token])
         return self._last_logits(rows)
 
-    def velocity(self, rows: list[int], modality: int, x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
+    def velocity(self, rows: list[int], modality: int, shape: tuple[int, ...], x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
         model = self.model
         guided = cfg_scale != 1
-        sequences = [self.sequences[r] + [ModalityItem(modality, x_row, wrapped = False)] for r, x_row in zip(rows, x)]
+        sequences = [self.sequences[r] + [ModalityItem(modality, x_row.reshape(*shape, -1), wrapped = False)] for r, x_row in zip(rows, x)]
         if guided:
             sequences = sequences + sequences
         docs = range(len(sequences))
@@ -178,8 +186,8 @@ class UncachedRunner:
         conditional, unconditional = velocity.chunk(2)
         return unconditional + cfg_scale * (conditional - unconditional)
 
-    def commit(self, rows: list[int], modality: int, x1: Tensor) -> Tensor:
+    def commit(self, rows: list[int], modality: int, shape: tuple[int, ...], x1: Tensor) -> Tensor:
         for r, x_row in zip(rows, x1):
-            self.sequences[r].append(ModalityItem(modality, x_row, wrapped = False))
+            self.sequences[r].append(ModalityItem(modality, x_row.reshape(*shape, -1), wrapped = False))
             self._append_tokens(r, [self.model.vocab.end[modality]])
         return self._last_logits(rows)

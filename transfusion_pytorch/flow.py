@@ -9,11 +9,14 @@ Sampling integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 with torchdiffeq
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from torchdiffeq import odeint
+
+from .debug import typechecked
 
 # function evaluations per step of torchdiffeq's fixed-grid solvers
 EVALUATIONS_PER_STEP = {'euler': 1, 'midpoint': 2, 'rk4': 4}
@@ -34,24 +37,27 @@ def limit_noise(times: Tensor, limited: Tensor) -> Tensor:
     return torch.where(limited, 0.5 + 0.5 * times, times)
 
 
-def noised(data: Tensor, noise: Tensor, times: Tensor) -> Tensor:
+@typechecked
+def noised(data: Float[Tensor, 'l c'], noise: Float[Tensor, 'l c'], times: Float[Tensor, 'l']) -> Float[Tensor, 'l c']:
     """x_t for data and noise Float['l c'] and per-token times Float['l']."""
     t = times[:, None].to(data.dtype)
     return (1 - t) * noise + t * data
 
 
-def velocity_target(data: Tensor, noise: Tensor) -> Tensor:
+@typechecked
+def velocity_target(data: Float[Tensor, '*shape'], noise: Float[Tensor, '*shape']) -> Float[Tensor, '*shape']:
     return data - noise
 
 
+@typechecked
 def integrate(
     velocity: Callable[[Tensor, Tensor], Tensor],
-    noise: Tensor,
+    noise: Float[Tensor, '*shape'],
     steps: int,
     method: str = 'midpoint',
     rtol: float = 1e-5,
     atol: float = 1e-5,
-) -> Tensor:
+) -> Float[Tensor, '*shape']:
     """Solve dx/dt = velocity(t, x) from x(0) = noise to t = 1; returns x(1).
 
     steps: number of equal steps for the fixed-grid solvers ('euler', 'midpoint', 'rk4'), so

@@ -30,15 +30,20 @@ FLEX_BLOCK = 128  # flex attention's default tile: packed sequences are padded t
 
 @dataclass
 class AttentionMask:
-    """What one attention call needs; exactly one form is set, or none for full attention.
+    """What one attention call needs; one of is_causal / dense / block is set, or none for full
+    attention.
 
     is_causal: plain causal attention (SDPA's fused path, or a causal BlockMask).
     dense: Bool['b|1 1 q k'] for SDPA.
     block: a flex BlockMask.
+    bias: Float['b|1 h q k'] added to the scores of visible pairs (dense backend: ALiBi).
+    score_mod: the same bias for flex attention.
     """
     is_causal: bool = False
     dense: Tensor | None = None
     block: BlockMask | None = None
+    bias: Tensor | None = None
+    score_mod: object = None
 
     @property
     def uses_flex(self) -> bool:
@@ -51,13 +56,45 @@ class AttentionRule:
     document: which sample a token belongs to.
     instance: modality-instance id of a latent token, -1 for text-like tokens.
     isolated: latent tokens that may see only their own instance (or None: none are).
+    coords, alibi_slopes: for N-d ALiBi inside instances, each latent token's grid coordinates
+        Int['n a'] and one slope per head Float['h'] (0 for heads without ALiBi).
     """
 
-    def __init__(self, document: Tensor, instance: Tensor, isolated: Tensor | None = None, bidirectional_instances: bool = True):
+    def __init__(self, document: Tensor, instance: Tensor, isolated: Tensor | None = None, bidirectional_instances: bool = True,
+                 coords: Tensor | None = None, alibi_slopes: Tensor | None = None):
         self.document = document
         self.instance = instance
         self.isolated = isolated
         self.bidirectional_instances = bidirectional_instances
+        self.coords = coords
+        self.alibi_slopes = alibi_slopes
+
+    @property
+    def has_alibi(self) -> bool:
+        return self.alibi_slopes is not None
+
+    def alibi(self, head: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        """ALiBi bias -slope[head] * |coords[q] - coords[k]| (Euclidean, on the instance's own grid)
+        for two latent tokens of one instance, 0 otherwise; arguments broadcast."""
+        same_instance = (self.instance[q] == self.instance[k]) & (self.instance[q] >= 0)
+        squared = sum((self.coords[q, a] - self.coords[k, a]).float() ** 2 for a in range(self.coords.shape[1]))
+        return -self.alibi_slopes[head] * squared.sqrt() * same_instance
+
+    @property
+    def score_mod(self):
+        """ALiBi as a flex-attention score_mod (a plain function: flex counts its arguments)."""
+        def alibi_score_mod(score, batch, head, q, k):
+            return score + self.alibi(head, q, k)
+        return alibi_score_mod
+
+    def dense_bias(self, kv_length: int | None = None) -> Tensor:
+        """Float['h q k'] ALiBi bias for the whole sequence (keys padded to kv_length)."""
+        index = torch.arange(self.length, device = self.document.device)
+        head = torch.arange(self.alibi_slopes.shape[0], device = index.device)
+        bias = self.alibi(head[:, None, None], index[None, :, None], index[None, None, :])
+        if kv_length is not None and kv_length > self.length:
+            bias = torch.nn.functional.pad(bias, (0, kv_length - self.length))
+        return bias
 
     @property
     def length(self) -> int:
@@ -133,11 +170,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def mask_for_rule(rule: AttentionRule, backend: str) -> AttentionMask:
-    """Render `rule` for one packed sequence (batch of one) with the chosen backend."""
-    if resolve_backend(backend, rule.document.device) == 'flex':
-        return AttentionMask(block = rule.block_mask())
-    return AttentionMask(dense = rule.dense()[None, None])
+def mask_for_rule(rule: AttentionRule, backend: str, kv_length: int | None = None) -> AttentionMask:
+    """Render `rule` for one packed sequence (batch of one) with the chosen backend. kv_length:
+    keys are the slots of a longer cache (dense only)."""
+    if kv_length is None and resolve_backend(backend, rule.document.device) == 'flex':
+        return AttentionMask(block = rule.block_mask(), score_mod = rule.score_mod if rule.has_alibi else None)
+    bias = rule.dense_bias(kv_length)[None] if rule.has_alibi else None
+    return AttentionMask(dense = rule.dense(kv_length)[None, None], bias = bias)
+
+
+def alibi_slopes(heads: int, alibi_heads: int, device: torch.device | None = None) -> Tensor:
+    """Float['h'] slopes: the first alibi_heads heads get ALiBi's geometric slopes
+    2^(-8 i / alibi_heads), i = 1..alibi_heads (Press et al. 2022); the others 0."""
+    slopes = torch.zeros(heads, device = device)
+    if alibi_heads:
+        slopes[:alibi_heads] = 2. ** (-8. * torch.arange(1, alibi_heads + 1, device = device) / alibi_heads)
+    return slopes
+
+
+def instance_alibi(coords: Tensor, slopes: Tensor) -> Tensor:
+    """Float['h n n'] ALiBi bias among the n tokens of one instance with coords Int['n a']."""
+    return -slopes[:, None, None] * torch.cdist(coords.float(), coords.float())[None]
 
 
 def causal_mask(length: int, device: torch.device, backend: str) -> AttentionMask:
@@ -155,6 +208,7 @@ def prefix_mask(
     kv_length: int,
     bidirectional_span: int = 0,
     isolated: Tensor | None = None,
+    instance_bias: Tensor | None = None,
 ) -> AttentionMask:
     """Mask for decoding `num_new` tokens per row, written at slots starts[b] + (0..num_new-1)
     of a cache of `kv_length` slots, each row its own sample.
@@ -163,7 +217,8 @@ def prefix_mask(
         see each other; the rest are causal (text, an end token, or the causal ablation with 0).
     isolated: Bool['b'], rows whose new tokens see only the new tokens (the unconditional branch
         of classifier-free guidance).
-    Returns a dense Bool['b 1 q k'] mask; slots past a row's tokens stay hidden.
+    instance_bias: Float['h s s'] ALiBi among the first s = bidirectional_span new tokens.
+    Returns a dense Bool['b 1 q k'] mask (and bias); slots past a row's tokens stay hidden.
     """
     key = torch.arange(kv_length, device = starts.device)                          # (k,)
     offset = torch.arange(num_new, device = starts.device)                         # (q,)
@@ -173,4 +228,12 @@ def prefix_mask(
     if isolated is not None:
         own = key[None, None, :] >= starts[:, None, None]
         visible = visible & (~isolated[:, None, None] | own)
-    return AttentionMask(dense = visible[:, None])
+    bias = None
+    if instance_bias is not None:
+        span = instance_bias.shape[-1]
+        offset = key[None, :] - starts[:, None]                                    # (b, k)
+        inside = (offset >= 0) & (offset < span)
+        bias = instance_bias[:, :, offset.clamp(0, span - 1)]                      # (h, s, b, k)
+        bias = rearrange(bias, 'h s b k -> b h s k') * inside[:, None, None]
+        bias = torch.nn.functional.pad(bias, (0, 0, 0, num_new - span))            # later queries: none
+    return AttentionMask(dense = visible[:, None], bias = bias)

@@ -196,13 +196,13 @@ class Sampler:
             torch.randn((count, spec.dim_latent), generator = r.generator, device = model.device) for r in rows
         ])
         indices = [r.index for r in rows]
-        field_fn = lambda t, x: self.runner.velocity(indices, modality, x, t, options.cfg_scale)
+        field_fn = lambda t, x: self.runner.velocity(indices, modality, shape, x, t, options.cfg_scale)
         x1 = flow.integrate(field_fn, noise, options.modality_steps, options.ode_method)
         latents = torch.stack([model.to_user_layout(modality, x.reshape(*shape, -1)) for x in x1])
         decoded = model.modalities.decode(modality, latents)
         continuing = [r for r in rows if not r.stop_after_modality]
         if continuing:
-            logits = self.runner.commit([r.index for r in continuing], modality, x1[[rows.index(r) for r in continuing]])
+            logits = self.runner.commit([r.index for r in continuing], modality, shape, x1[[rows.index(r) for r in continuing]])
         for row, data in zip(rows, decoded):
             row.output.append((modality, data))
             row.length += count + 1

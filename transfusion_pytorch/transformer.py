@@ -15,11 +15,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
+from . import experts as experts_module
 from .config import TransformerConfig
+from .debug import typechecked
+from .experts import Routing
 from .masks import AttentionMask
 from .positions import RotaryEmbedding
 
@@ -36,15 +40,15 @@ class RMSNorm(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: Float['b n d'] -> Float['b n d'] through a gated hidden layer of width f."""
 
-    def __init__(self, dim: int, dim_hidden: int, dropout: float = 0.):
+    def __init__(self, dim: int, dim_hidden: int, dropout: float = 0., experts: int = 1):
         super().__init__()
-        self.to_hidden = nn.Linear(dim, 2 * dim_hidden)
+        self.to_hidden = experts_module.linear(dim, 2 * dim_hidden, experts)
         self.dropout = nn.Dropout(dropout)
-        self.to_out = nn.Linear(dim_hidden, dim)
+        self.to_out = experts_module.linear(dim_hidden, dim, experts)
 
-    def forward(self, x: Tensor) -> Tensor:
-        hidden, gate = self.to_hidden(x).chunk(2, dim = -1)
-        return self.to_out(self.dropout(hidden * F.silu(gate)))
+    def forward(self, x: Tensor, routing: Routing | None = None) -> Tensor:
+        hidden, gate = experts_module.apply(self.to_hidden, x, routing).chunk(2, dim = -1)
+        return experts_module.apply(self.to_out, self.dropout(hidden * F.silu(gate)), routing)
 
 
 @dataclass
@@ -65,10 +69,10 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.dim)
         self.attn = Attention(
             config.dim, config.heads, config.dim_head, dropout = config.dropout, qk_norm = config.qk_norm,
-            value_residual = config.value_residual and not is_first, laser = config.laser,
+            value_residual = config.value_residual and not is_first, laser = config.laser, experts = config.experts,
         )
         self.ff_norm = RMSNorm(config.dim)
-        self.ff = FeedForward(config.dim, config.dim_ff, dropout = config.dropout)
+        self.ff = FeedForward(config.dim, config.dim_ff, dropout = config.dropout, experts = config.experts)
 
     def forward(
         self,
@@ -78,11 +82,12 @@ class Block(nn.Module):
         first_values: Tensor | None = None,
         modulation: Modulation | None = None,
         cache: tuple[Tensor, Tensor, Tensor] | None = None,
+        routing: Routing | None = None,
     ) -> tuple[Tensor, Tensor]:
         normed = self.attn_norm(x)
         if modulation is not None:
             normed = normed * (1 + modulation.attn_scale) + modulation.attn_shift
-        attn_out, values = self.attn(normed, rotary, mask, first_values = first_values, cache = cache)
+        attn_out, values = self.attn(normed, rotary, mask, first_values = first_values, cache = cache, routing = routing)
         if modulation is not None:
             attn_out = attn_out * (1 + modulation.attn_gate)
         x = x + attn_out
@@ -90,7 +95,7 @@ class Block(nn.Module):
         normed = self.ff_norm(x)
         if modulation is not None:
             normed = normed * (1 + modulation.ff_scale) + modulation.ff_shift
-        ff_out = self.ff(normed)
+        ff_out = self.ff(normed, routing)
         if modulation is not None:
             ff_out = ff_out * (1 + modulation.ff_gate)
         return x + ff_out, values
@@ -127,19 +132,22 @@ class Transformer(nn.Module):
             self._compiled_blocks = [torch.compile(block) for block in self.blocks]
         return self._compiled_blocks
 
+    @typechecked
     def forward(
         self,
-        x: Tensor,
-        positions: Tensor,
+        x: Float[Tensor, 'b n d'],
+        positions: Int[Tensor, '#b n *k'],
         mask: AttentionMask,
         modulations: list[Modulation] | None = None,
         cache: list[tuple[Tensor, Tensor, Tensor]] | None = None,
         compiled: bool = True,
-    ) -> Tensor:
+        routing: Routing | None = None,
+    ) -> Float[Tensor, 'b n d']:
         """x: Float['b n d'] embeddings; positions: Int['b n'] or Int['1 n'] rotary positions.
         modulations: one per block, or None. cache: per block (keys, values, write_positions)
         of a static KV cache, or None. compiled: use the compiled blocks when compile_blocks is
         on (prompt prefills pass False: their many distinct lengths would each recompile).
+        routing: the expert of each token when the config has several experts (None: expert 0).
         Returns Float['b n d'] after the final norm."""
         rotary = self.rotary(positions)
         blocks = self._block_callables(compiled)
@@ -151,9 +159,9 @@ class Transformer(nn.Module):
             modulation = modulations[index] if modulations is not None else None
             layer_cache = cache[index] if cache is not None else None
             if use_checkpoint:
-                x, values = checkpoint(block, x, rotary, mask, first_values, modulation, layer_cache, use_reentrant = False)
+                x, values = checkpoint(block, x, rotary, mask, first_values, modulation, layer_cache, routing, use_reentrant = False)
             else:
-                x, values = block(x, rotary, mask, first_values, modulation, layer_cache)
+                x, values = block(x, rotary, mask, first_values, modulation, layer_cache, routing)
             if self.skip_merges is not None and index < len(blocks) // 2:
                 skips.append(x)
             if index == 0 and self.config.value_residual:

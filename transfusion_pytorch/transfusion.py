@@ -18,12 +18,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from . import flow
 from .batch import PackedBatch, pack, to_items
 from .config import TransfusionConfig, build_config
-from .masks import FLEX_BLOCK, AttentionMask, AttentionRule, causal_mask, mask_for_rule, resolve_backend
+from .debug import Batch, typechecked
+from .masks import alibi_slopes, causal_mask
+from .token_layout import packed_transformer_inputs
 from .modality import Modalities
 from .tokens import Vocabulary
 from .transformer import Transformer
@@ -102,6 +105,7 @@ class Transfusion(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std = 0.02)
         self.transformer = Transformer(config.transformer)
         self.to_logits = nn.Linear(dim, self.vocab.size, bias = False)
+        self.register_buffer('alibi_slopes', alibi_slopes(config.transformer.heads, config.alibi_heads), persistent = False)
         count = config.num_modalities
         self.modalities = Modalities(config, _per_modality(encoders, count), _per_modality(decoders, count), train_encoders)
 
@@ -111,8 +115,10 @@ class Transfusion(nn.Module):
 
     # training
 
-    def forward(self, batch, *, modality_type: int | None = None, return_breakdown: bool = False,
-                times: Tensor | None = None, noise: list[Tensor] | None = None):
+    @typechecked
+    def forward(self, batch: Batch, *, modality_type: int | None = None, return_breakdown: bool = False,
+                times: Float[Tensor, 'i'] | None = None, noise: list[Tensor] | None = None
+                ) -> Float[Tensor, ''] | tuple[Float[Tensor, ''], LossBreakdown]:
         """Scalar training loss (and a LossBreakdown with return_breakdown=True).
 
         batch: Int['b n'] text-only language modelling; Float['b ...'] modality-only training
@@ -169,7 +175,8 @@ class Transfusion(nn.Module):
             row, column = ((ids < 0) | (ids >= self.config.num_text_tokens)).nonzero()[0].tolist()
             raise ValueError(f'sample {row}, item 0: text id {int(ids[row, column])} at position {column} is outside [0, num_text_tokens={self.config.num_text_tokens})')
 
-    def text_logits(self, ids: Tensor) -> Tensor:
+    @typechecked
+    def text_logits(self, ids: Int[Tensor, 'b n']) -> Float[Tensor, 'b n v']:
         """Float['b n v'] next-token logits for text-only rows Int['b n'] (causal attention)."""
         b, n = ids.shape
         mask = causal_mask(n, ids.device, self.config.transformer.attention_backend)
@@ -211,8 +218,10 @@ class Transfusion(nn.Module):
             flat.append(canonical.reshape(-1, spec.dim_latent).to(self.device))
         return [torch.cat([flat[i] for i in range(len(flat)) if packed.instance_modality[i] == g.modality]) for g in packed.groups]
 
-    def packed_hidden(self, packed: PackedBatch, group_inputs: list[Tensor], times: Tensor, isolated: Tensor | None = None,
-                      cache: list | None = None, kv_length: int | None = None, compiled: bool = True) -> Tensor:
+    @typechecked
+    def packed_hidden(self, packed: PackedBatch, group_inputs: list[Float[Tensor, '_l _c']], times: Float[Tensor, 'i'],
+                      isolated: Bool[Tensor, 'n'] | None = None, cache: list | None = None, kv_length: int | None = None,
+                      compiled: bool = True) -> Float[Tensor, 'n d']:
         """Hidden states Float['n d'] of a packed sequence whose latent groups take the inputs
         `group_inputs` (Float['l c'] each) at per-instance times Float['i'].
 
@@ -223,31 +232,22 @@ class Transfusion(nn.Module):
         for group, inputs in zip(packed.groups, group_inputs):
             tokens = self.modalities.embed(group.modality, inputs.to(x.dtype), time_embedding[group.instance])
             x = x.index_copy(0, group.index, tokens.to(x.dtype))
-        n, positions, document, instance = x.shape[0], packed.positions, packed.document, packed.instance
-        backend = resolve_backend(self.config.transformer.attention_backend, x.device)
-        if cache is None and backend == 'flex':
-            # pad to whole flex blocks: full tiles, and few distinct lengths for torch.compile;
-            # pad tokens form their own causal document (-1), so no row is fully masked
-            pad = -n % FLEX_BLOCK
-            x = F.pad(x, (0, 0, 0, pad))
-            positions, instance = F.pad(positions, (0, pad)), F.pad(instance, (0, pad), value = -1)
-            document = F.pad(document, (0, pad), value = -1)
-            isolated = F.pad(isolated, (0, pad)) if isolated is not None else None
-        rule = AttentionRule(document, instance, isolated, bidirectional_instances = not self.config.causal_modality_attention)
-        if cache is None:
-            mask = mask_for_rule(rule, backend)
-        else:
-            mask = AttentionMask(dense = rule.dense(kv_length)[None, None])
+        positions, mask, routing, instance, pad = packed_transformer_inputs(self, packed, isolated, kv_length)
         modulations = None
         if self.modalities.adaptive is not None and packed.groups:
             modulations = self.modalities.adaptive.per_block(time_embedding, instance[None])
-        return self.transformer(x[None], positions[None], mask, modulations, cache = cache, compiled = compiled)[0, :n]
+        hidden = self.transformer(F.pad(x, (0, 0, 0, pad))[None], positions[None], mask, modulations,
+                                  cache = cache, compiled = compiled, routing = routing)
+        return hidden[0, :packed.length]
 
     def _unused_parameter_anchor(self, present: set[int]) -> Tensor:
         """Zero that depends on the parameters this batch did not use (absent modalities, time
         conditioning without instances), so every parameter gets a gradient and DDP needs no
         find_unused_parameters."""
         unused = [p for m, proj in enumerate(self.modalities.projections) if m not in present for p in proj.parameters()]
+        if self.config.modality_experts:  # absent modalities' expert weights in every block
+            unused += [p for name, p in self.transformer.named_parameters()
+                       if '.experts.' in name and int(name.split('.experts.')[1].split('.')[0]) - 1 not in present | {-1}]
         if not present:
             for module in (self.modalities.time_embedding, self.modalities.adaptive):
                 unused += list(module.parameters()) if module is not None else []
@@ -280,7 +280,9 @@ class Transfusion(nn.Module):
     # research access
 
     @torch.no_grad()
-    def predict(self, batch, times: Tensor | None = None, noise: list[Tensor] | None = None, *, modality_type: int | None = None) -> Prediction:
+    @typechecked
+    def predict(self, batch: Batch, times: Float[Tensor, 'i'] | None = None, noise: list[Tensor] | None = None, *,
+                modality_type: int | None = None) -> Prediction:
         """Per-token text logits and per-instance velocities for a batch at the given times and
         noise (drawn when not given), without dropout of conditioning. Runs under no_grad; call
         `predict.__wrapped__(model, ...)` for gradients."""
@@ -321,6 +323,7 @@ class Transfusion(nn.Module):
 
     # sampling (sampling.py, text_generation.py)
 
+    @typechecked
     def sample_many(self, prompts: list, *, max_length: int = 2048, text_temperature: float = 1., text_min_p: float = 0.1,
                     cache_kv: bool = True, modality_steps: int = 16, ode_method: str = 'midpoint',
                     fixed_modality_shape = None, force_modality_at_start = None, cfg_scale: float = 1.,
@@ -352,13 +355,15 @@ class Transfusion(nn.Module):
             cfg_scale = cfg_scale, seed = seed, show_progress = show_progress,
         )
 
-    def sample(self, prompt = None, **kwargs) -> list:
+    @typechecked
+    def sample(self, prompt: Tensor | tuple | list | None = None, **kwargs) -> list:
         """One sample; the keywords of `sample_many`."""
         return self.sample_many([prompt], **kwargs)[0]
 
+    @typechecked
     def generate_modality_only(self, batch_size: int = 1, modality_type: int = 0, fixed_modality_shape: tuple[int, ...] | None = None,
                                modality_steps: int = 16, ode_method: str = 'midpoint', cfg_scale: float = 1., seed = None,
-                               show_progress: bool = False) -> Tensor:
+                               show_progress: bool = False) -> Float[Tensor, 'b ...']:
         """Float['b ...'] instances of one modality generated unconditionally (after BOS), in the
         user's layout and decoded; the shape is fixed_modality_shape or the default shape."""
         from .sampling import sample_many
@@ -373,8 +378,9 @@ class Transfusion(nn.Module):
         )
         return torch.stack([sample[-1][1] for sample in samples])
 
+    @typechecked
     def generate_text_only(self, prompt: Tensor, seq_len: int, temperature: float = 1., min_p: float = 0.1,
-                           cache_kv: bool = True, compile_step: bool | None = None) -> Tensor:
+                           cache_kv: bool = True, compile_step: bool | None = None) -> Int[Tensor, 'b new']:
         """Text-only continuation of Int['b p'] prompts to seq_len tokens in all; returns the new
         tokens Int['b (seq_len - p)']. compile_step (default: the transformer's compile_blocks):
         torch.compile the decode step, with CUDA graphs on a GPU; it is compiled once per batch

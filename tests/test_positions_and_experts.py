@@ -1,0 +1,169 @@
+"""Roadmap options on positions and weights: N-d ALiBi inside modalities, 1-D and axial rotary,
+mixture of experts by modality. Each test checks the claim itself, not only that it runs."""
+import math
+
+import pytest
+import torch
+from torch import randint, randn
+
+from transfusion_pytorch.attention import attend
+from transfusion_pytorch.config import TransformerConfig
+from transfusion_pytorch.experts import ExpertLinear
+from transfusion_pytorch.masks import AttentionMask, AttentionRule, alibi_slopes, mask_for_rule
+from transfusion_pytorch.positions import RotaryEmbedding, apply_rotary
+from transfusion_pytorch.token_layout import grid_coordinates
+from transfusion_pytorch.transformer import Transformer
+
+from conftest import mixed_batch, tiny_model
+from test_sampling import assert_samples_equal
+
+QUIET = dict(show_progress = False)
+
+
+# N-d ALiBi
+
+def grid_rule(shape = (3, 4), text = 2, alibi_heads = 2, heads = 4):
+    """One sample: `text` text tokens then one instance of `shape`."""
+    count = math.prod(shape)
+    n = text + count
+    instance = torch.tensor([-1] * text + [0] * count)
+    coords = torch.zeros(n, len(shape), dtype = torch.long)
+    coords[text:] = grid_coordinates(shape, len(shape))
+    return AttentionRule(torch.zeros(n, dtype = torch.long), instance, coords = coords, alibi_slopes = alibi_slopes(heads, alibi_heads)), text
+
+
+def test_alibi_bias_falls_with_grid_distance_on_chosen_heads():
+    rule, text = grid_rule()
+    bias = rule.dense_bias()                                          # (h, n, n)
+    slopes = alibi_slopes(4, 2)
+    coords = grid_coordinates((3, 4), 2).float()
+    expected = -slopes[:2, None, None] * torch.cdist(coords, coords)
+    torch.testing.assert_close(bias[:2, text:, text:], expected)
+    assert (bias[2:] == 0).all(), 'heads without ALiBi get no bias'
+    assert (bias[:, :text] == 0).all() and (bias[:, :, :text] == 0).all(), 'text pairs get no bias'
+    # farther on the grid = lower bias: (0,0)->(0,1) vs (0,0)->(2,3)
+    assert bias[0, text, text + 1] > bias[0, text, text + 11]
+
+
+def test_alibi_attention_weights_follow_the_bias():
+    """With equal raw scores (q = 0), attention inside the instance is softmax(-slope * distance)."""
+    rule, text = grid_rule()
+    n = rule.length
+    q, k = torch.zeros(1, 4, n, n), torch.randn(1, 4, n, n)
+    v = torch.eye(n).expand(1, 4, n, n)                               # output row = attention weights
+    weights = attend(q, k, v, mask_for_rule(rule, 'sdpa'))[0]
+    query = text + 5
+    visible = rule.dense()[query]
+    expected = torch.softmax(rule.dense_bias()[:, query].masked_fill(~visible, float('-inf')), dim = -1)
+    torch.testing.assert_close(weights[:, query], expected)
+
+
+@torch.no_grad()  # flex attention has no CPU backward
+def test_alibi_dense_and_flex_agree():
+    model = tiny_model(alibi_heads = 1, transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, attention_backend = 'sdpa'))
+    flex = tiny_model(alibi_heads = 1, transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, attention_backend = 'flex'))
+    flex.load_state_dict(model.state_dict())
+    batch, times, noise = mixed_batch(), torch.rand(3), [randn(2, 3, 8), randn(4, 4), randn(1, 2, 8)]
+    a, b = model.predict(batch, times, noise), flex.predict(batch, times, noise)
+    for x, y in zip(a.logits + a.velocities, b.logits + b.velocities):
+        torch.testing.assert_close(x, y, atol = 1e-4, rtol = 1e-4)
+    plain = tiny_model(transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32))
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain.predict(batch, times, noise).velocities[0], a.velocities[0]), 'ALiBi changed nothing'
+
+
+# rotary
+
+@pytest.mark.parametrize('components', [None, 3])
+def test_rotary_scores_are_invariant_to_shifting_the_whole_sequence(components):
+    rotary = RotaryEmbedding(48)
+    q, k = torch.randn(2, 1, 2, 10, 48).unbind(0)
+    positions = torch.randint(0, 50, (1, 10) if components is None else (1, 10, components))
+    def scores(offset):
+        cos, sin = rotary(positions + offset)
+        return apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-1, -2)
+    torch.testing.assert_close(scores(0), scores(1000), atol = 1e-3, rtol = 1e-4)
+    cos, sin = rotary(positions)
+    assert not torch.allclose(scores(0), q @ k.transpose(-1, -2), atol = 1e-3), 'rotation did nothing'
+
+
+def test_axial_rotary_of_equal_components_is_1d_rotary():
+    rotary = RotaryEmbedding(48)
+    positions = torch.arange(12)[None]
+    one_d = rotary(positions)
+    axial = rotary(positions[..., None].expand(1, 12, 3))
+    torch.testing.assert_close(axial[0], one_d[0])
+    torch.testing.assert_close(axial[1], one_d[1])
+
+
+@pytest.mark.parametrize('components', [None, 3])
+def test_transformer_output_is_invariant_to_shifting_positions(components):
+    """Relative positions only: shifting every position of a sequence changes nothing."""
+    transformer = Transformer(TransformerConfig(dim = 48, depth = 2, heads = 2, dim_head = 24))
+    x = torch.randn(1, 9, 48)
+    positions = torch.arange(9)[None] if components is None else torch.randint(0, 9, (1, 9, components))
+    mask = AttentionMask(is_causal = True)
+    torch.testing.assert_close(transformer(x, positions, mask), transformer(x, positions + 37, mask), atol = 1e-4, rtol = 1e-4)
+
+
+def test_axial_rotary_distinguishes_grid_offsets_that_raster_order_confuses():
+    """In a 3x4 grid, (0,3)->(1,0) and (0,0)->(0,1) are both 1 apart in raster order; axially they
+    differ, so the attention score between them differs."""
+    config = tiny_model(axial_rotary = True).config
+    from transfusion_pytorch.token_layout import step_positions
+    positions = step_positions(config, torch.tensor([5]), 12, (3, 4))[0]            # (12, 3)
+    assert positions[0].tolist() == [5, 5, 5] and positions[3].tolist() == [5, 5, 8] and positions[4].tolist() == [5, 6, 5]
+    rotary = RotaryEmbedding(32)
+    q = k = torch.randn(1, 1, 1, 32).expand(1, 1, 12, 32)
+    cos, sin = rotary(positions[None])
+    scores = apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-1, -2)
+    assert not torch.isclose(scores[0, 0, 3, 4], scores[0, 0, 0, 1])
+
+
+@pytest.mark.parametrize('options', [dict(axial_rotary = True), dict(alibi_heads = 1), dict(modality_experts = True),
+                                     dict(axial_rotary = True, alibi_heads = 2, modality_experts = True, causal_modality_attention = True)])
+def test_options_keep_cached_sampling_exact(options):
+    model = tiny_model(**options)
+    kwargs = dict(max_length = 60, text_temperature = 0., force_modality_at_start = 0, modality_steps = 3, seed = 1, cfg_scale = 2., **QUIET)
+    prompt = [randint(0, 16, (3,)), (1, randn(3, 4))]
+    assert_samples_equal(model.sample(prompt, cache_kv = True, **kwargs), model.sample(prompt, cache_kv = False, **kwargs))
+
+
+# mixture of experts by modality
+
+def expert_rows(model):
+    """Record how many token rows each expert linear of the first block's FF input receives."""
+    seen = {}
+    layer = model.transformer.blocks[0].ff.to_hidden
+    for index, expert in enumerate(layer.experts):
+        expert.register_forward_hook(lambda module, args, out, index = index: seen.__setitem__(index, seen.get(index, 0) + args[0].shape[0]))
+    return seen
+
+
+def test_modality_experts_route_every_token_to_its_own_weights():
+    model = tiny_model(modality_experts = True)
+    assert isinstance(model.transformer.blocks[0].attn.to_qkv, ExpertLinear) and len(model.transformer.blocks[0].attn.to_qkv.experts) == 3
+    seen = expert_rows(model)
+    packed = model.pack(mixed_batch())
+    model(mixed_batch())
+    latents = {g.modality: g.index.shape[0] for g in packed.groups}
+    assert seen == {0: packed.length - sum(latents.values()), 1: latents[0], 2: latents[1]}
+
+
+def test_text_tokens_use_only_the_text_expert():
+    model = tiny_model(modality_experts = True)
+    model(randint(0, 16, (2, 12))).backward()
+    for name, p in model.transformer.named_parameters():
+        if '.experts.1.' in name or '.experts.2.' in name:
+            assert p.grad is None or not p.grad.any(), f'{name} received gradient from text alone'
+        elif '.experts.0.' in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_modality_experts_train_with_gradients_on_present_experts():
+    model = tiny_model(modality_experts = True)
+    model([[randint(0, 16, (4,)), randn(2, 3, 8)]]).backward()    # modality 1 absent
+    grads = {name: p.grad for name, p in model.transformer.named_parameters() if '.experts.' in name}
+    assert all(g is not None for g in grads.values()), 'every expert weight must get a gradient (zero if unused), for DDP'
+    assert all(g.abs().sum() > 0 for name, g in grads.items() if '.experts.1.' in name)
+    assert all(not g.any() for name, g in grads.items() if '.experts.2.' in name)

@@ -1,0 +1,57 @@
+"""Mixture of experts by modality (as in pi-zero and Mixture-of-Transformers, Liang et al. 2024):
+text-like tokens and each modality's latent tokens use their own projection weights, while
+attention itself is shared over the whole sequence.
+
+Routing is decided by the token layout, not learned: expert 0 is text (and every text-like
+token: begin, shape and end tokens), expert 1 + m is modality m. The caller gives the token
+indices of each expert, computed on the host, so routing needs no host-device sync.
+
+Glossary: b batch, n tokens, t tokens of one expert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+TEXT_EXPERT = 0
+
+
+@dataclass
+class Routing:
+    """(expert, Int['t'] indices into the flattened b * n tokens) pairs covering every token
+    exactly once; an index of None means every token."""
+    groups: list[tuple[int, Tensor | None]]
+
+    @classmethod
+    def single(cls, expert: int) -> 'Routing':
+        return cls([(expert, None)])
+
+
+class ExpertLinear(nn.Module):
+    """One nn.Linear per expert; tokens go through the weights of their expert only."""
+
+    def __init__(self, dim_in: int, dim_out: int, experts: int, bias: bool = True):
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(dim_in, dim_out, bias = bias) for _ in range(experts)])
+
+    def forward(self, x: Tensor, routing: Routing | None) -> Tensor:
+        """Float['b n i'] -> Float['b n o']."""
+        if routing is None:
+            return self.experts[TEXT_EXPERT](x)
+        if len(routing.groups) == 1 and routing.groups[0][1] is None:
+            return self.experts[routing.groups[0][0]](x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_zeros(flat.shape[0], self.experts[0].out_features)
+        for expert, index in routing.groups:
+            out = out.index_copy(0, index, self.experts[expert](flat[index]).to(out.dtype))
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def linear(dim_in: int, dim_out: int, experts: int, bias: bool = True) -> nn.Module:
+    """A plain nn.Linear with one expert (so checkpoints keep their usual names), else experts."""
+    return nn.Linear(dim_in, dim_out, bias = bias) if experts == 1 else ExpertLinear(dim_in, dim_out, experts, bias)
+
+
+def apply(layer: nn.Module, x: Tensor, routing: Routing | None) -> Tensor:
+    return layer(x, routing) if isinstance(layer, ExpertLinear) else layer(x)
