@@ -121,6 +121,8 @@ def canonical_latent(data: Tensor, config: TransfusionConfig, modality: int, whe
         raise ValueError(f'{where}: modality {modality} instance is empty (shape {tuple(data.shape)})')
     if any(a > config.max_shape_value for a in axes):
         raise ValueError(f'{where}: modality {modality} axis lengths {axes} exceed max_shape_value={config.max_shape_value}')
+    if any(a % spec.downsample for a in axes):
+        raise ValueError(f'{where}: modality {modality} is downsampled by {spec.downsample} on every axis, so its axes must be multiples of {spec.downsample}; got {axes}')
     if not spec.shape_tokens and axes != spec.default_shape:
         raise ValueError(f'{where}: modality {modality} has shape tokens off, so its shape is fixed at {spec.default_shape}; got {axes}')
     return data
@@ -198,11 +200,14 @@ class ValueCheck:
 
 @dataclass
 class LatentGroup:
-    """All latent tokens of one modality in a packed sequence."""
+    """All latent tokens of one modality in a packed sequence. Without a U-Net, data rows and
+    tokens coincide (L = l); with one, data stays at full resolution (L = l * downsample^A)."""
     modality: int
-    index: Tensor                    # Int['l'] packed positions
-    data: Tensor                     # Float['l c'] clean latents, raster order within each instance
+    index: Tensor                    # Int['l'] packed positions of its tokens
+    data: Tensor                     # Float['L c'] clean latents, raster order within each instance
     instance: Tensor                 # Int['l'] instance id of each token
+    data_instance: Tensor            # Int['L'] instance id of each data row
+    shapes: list[tuple[int, ...]]    # latent (data) shape of each of its instances, in order
 
 
 @dataclass
@@ -230,10 +235,12 @@ class PackedBatch:
         return self.token_ids.shape[0]
 
 
-def instance_tokens(item: ModalityItem, vocab: Vocabulary, shape_tokens: bool) -> tuple[list[int], int]:
-    """Ids that open the instance (begin and shape tokens) and its number of latent tokens."""
-    opening = [vocab.begin[item.modality]] + (vocab.shape_ids(item.shape) if shape_tokens else [])
-    return opening, math.prod(item.shape)
+def instance_tokens(item: ModalityItem, vocab: Vocabulary, spec) -> tuple[list[int], int]:
+    """Ids that open the instance (begin and shape tokens of its transformer-side grid) and its
+    number of latent tokens."""
+    token_shape = spec.token_shape(item.shape)
+    opening = [vocab.begin[item.modality]] + (vocab.shape_ids(token_shape) if spec.shape_tokens else [])
+    return opening, math.prod(token_shape)
 
 
 @dataclass
@@ -287,7 +294,7 @@ def _lay_out(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary
             if isinstance(item, TextItem):
                 layout.text(item.ids.reshape(-1))
                 continue
-            opening, count = instance_tokens(item, vocab, config.modalities[item.modality].shape_tokens)
+            opening, count = instance_tokens(item, vocab, config.modalities[item.modality])
             if item.wrapped:
                 layout.special(opening, target = True)
             layout.latents(count)
@@ -297,7 +304,7 @@ def _lay_out(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary
             instances.shape.append(item.shape)
             instances.sample.append(s)
             instances.followed_by_text.append(any(isinstance(later, TextItem) and later.ids.numel() for later in sample[j + 1:]))
-            instances.data.append(item.data.reshape(count, -1))
+            instances.data.append(item.data.reshape(math.prod(item.shape), -1))
         if close:
             layout.special([vocab.eos], target = True)
         sample_slices.append((start, layout.length))
@@ -325,13 +332,16 @@ def _host_index_arrays(layout: _Layout, instances: _Instances, sample_slices: li
                   targets = array('q', layout.target_positions), text_positions = text_positions,
                   followed = array('q', map(int, instances.followed_by_text)))
     for modality in modalities:
-        index, owner = array('q'), array('q')
+        index, owner, data_owner = array('q'), array('q'), array('q')
         for i, m in enumerate(instances.modality):
             if m == modality:
                 a, count = layout.instance_starts[i], layout.instance_lengths[i]
                 index.extend(range(a, a + count))
                 owner.extend(array('q', [i]) * count)
+                data_owner.extend(array('q', [i]) * math.prod(instances.shape[i]))
         arrays[f'index_{modality}'], arrays[f'instance_{modality}'] = index, owner
+        if data_owner != owner:  # a U-Net: data rows outnumber tokens
+            arrays[f'data_instance_{modality}'] = data_owner
     return arrays
 
 
@@ -355,7 +365,9 @@ def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, de
     groups = [
         LatentGroup(
             modality = modality, index = host[f'index_{modality}'], instance = host[f'instance_{modality}'],
+            data_instance = host.get(f'data_instance_{modality}', host[f'instance_{modality}']),
             data = torch.cat([instances.data[i].to(device) for i, m in enumerate(instances.modality) if m == modality]),
+            shapes = [shape for shape, m in zip(instances.shape, instances.modality) if m == modality],
         )
         for modality in modalities
     ]

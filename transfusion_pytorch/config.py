@@ -92,12 +92,20 @@ class ModalityConfig:
     channel_first: latents are (dim_latent, *axes) instead of (*axes, dim_latent).
     shape_tokens: write the shape as tokens after the begin token (the LM learns to emit it).
     loss_weight: this modality's weight in the flow loss average.
+    downsample: > 1 wraps the transformer in a one-level U-Net for this modality (simple
+        diffusion, Hoogeboom et al. 2023): every axis is downsampled by this factor on the way
+        in and upsampled with a skip connection on the way out, so the transformer sees
+        prod(axes) / downsample^axes tokens. Shapes (inputs, outputs, fixed shapes) stay at full
+        resolution; the shape tokens describe the transformer-side grid.
+    unet_dim: width of the U-Net's full-resolution features (default 4 * dim_latent).
     """
     dim_latent: int
     default_shape: tuple[int, ...] | None = None
     channel_first: bool = False
     shape_tokens: bool = True
     loss_weight: float = 1.
+    downsample: int = 1
+    unet_dim: int | None = None
 
     def __post_init__(self):
         _require(_is_positive_int(self.dim_latent), f'dim_latent must be a positive int, got {self.dim_latent!r}')
@@ -107,10 +115,24 @@ class ModalityConfig:
         _require(self.shape_tokens or self.default_shape is not None,
                  'a modality without shape tokens needs a modality_default_shape to use as its fixed shape')
         _require(self.loss_weight > 0, f'modality loss_weight must be positive, got {self.loss_weight!r}')
+        _require(_is_positive_int(self.downsample), f'modality_downsample must be a positive int, got {self.downsample!r}')
+        _require(self.unet_dim is None or _is_positive_int(self.unet_dim), f'modality_unet_dim must be a positive int, got {self.unet_dim!r}')
+        if self.downsample > 1:
+            _require(self.default_shape is not None and len(self.default_shape) > 0,
+                     'modality_downsample needs a modality_default_shape with at least one axis (it fixes the number of axes)')
+            _require(all(a % self.downsample == 0 for a in self.default_shape),
+                     f'modality_default_shape {self.default_shape} must be divisible by modality_downsample={self.downsample}')
 
     @property
     def num_axes(self) -> int | None:
         return None if self.default_shape is None else len(self.default_shape)
+
+    def token_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The transformer-side grid of a latent of `shape` (axes divided by downsample)."""
+        return tuple(a // self.downsample for a in shape)
+
+    def data_shape(self, token_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(a * self.downsample for a in token_shape)
 
 
 @dataclass(frozen = True)
@@ -232,6 +254,8 @@ def build_config(
     channel_first_latent: bool | Sequence[bool] = False,
     add_modality_shape_tokens: bool | Sequence[bool] = True,
     modality_loss_weight: float | Sequence[float] = 1.,
+    modality_downsample: int | Sequence[int] = 1,
+    modality_unet_dim: int | None | Sequence[int | None] = None,
     **model_options: Any,
 ) -> TransfusionConfig:
     """README-style keywords -> TransfusionConfig. Per-modality keywords take one value for all
@@ -263,10 +287,14 @@ def build_config(
     channel_first = _per_modality(channel_first_latent, count, 'channel_first_latent', is_flag)
     shape_tokens = _per_modality(add_modality_shape_tokens, count, 'add_modality_shape_tokens', is_flag)
     loss_weights = _per_modality(modality_loss_weight, count, 'modality_loss_weight', is_number)
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    downsample = _per_modality(modality_downsample, count, 'modality_downsample', is_int)
+    unet_dims = _per_modality(modality_unet_dim, count, 'modality_unet_dim', lambda v: v is None or is_int(v))
 
     modalities = tuple(
-        ModalityConfig(dim_latent = d, default_shape = s, channel_first = c, shape_tokens = t, loss_weight = w)
-        for d, s, c, t, w in zip(dims, shapes, channel_first, shape_tokens, loss_weights)
+        ModalityConfig(dim_latent = d, default_shape = s, channel_first = c, shape_tokens = t, loss_weight = w,
+                       downsample = f, unet_dim = u)
+        for d, s, c, t, w, f, u in zip(dims, shapes, channel_first, shape_tokens, loss_weights, downsample, unet_dims)
     )
     unknown = set(model_options) - {f.name for f in fields(TransfusionConfig)}
     _require(not unknown, f'unknown Transfusion options {sorted(unknown)}')

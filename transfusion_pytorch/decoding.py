@@ -88,32 +88,38 @@ class CachedRunner:
             self.lengths[r] += 1
         return model.to_logits(hidden[:, -1])
 
-    def _instance_tokens(self, modality: int, x: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
+    def _instance_tokens(self, modality: int, x: Tensor, shape: tuple[int, ...], times: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens Float['b l d'] of instances x Float['b L c'] of `shape` at times Float['b']."""
         modalities = self.model.modalities
         time_embedding = modalities.time_embedding(times)                             # (b, d)
-        tokens = modalities.embed(modality, x.to(time_embedding.dtype), time_embedding[:, None])
+        tokens = modalities.embed(modality, x.to(time_embedding.dtype), shape, time_embedding[:, None])
         return tokens.to(self.model.token_embedding.weight.dtype), time_embedding
 
     def velocity(self, rows: list[int], modality: int, shape: tuple[int, ...], x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
-        model, b, n = self.model, x.shape[0], x.shape[1]
+        """The field at x Float['b L c'] (instances of `shape`, full resolution) and time t."""
+        model, b = self.model, x.shape[0]
+        token_shape = model.config.modalities[modality].token_shape(shape)
+        n = math.prod(token_shape)
         span = 0 if model.config.causal_modality_attention else n
         guided = cfg_scale != 1
         all_rows, x_all = (rows + rows, torch.cat((x, x))) if guided else (rows, x)
         isolated = torch.arange(len(all_rows), device = x.device) >= b if guided else None
-        tokens, time_embedding = self._instance_tokens(modality, x_all, t.reshape(1).expand(len(all_rows)))
-        hidden = self._forward(all_rows, tokens, span, modality, shape, isolated, time_embedding, persist = False)
-        velocity = model.modalities.velocity(modality, hidden).to(x.dtype)   # the ODE state's dtype
+        tokens, time_embedding = self._instance_tokens(modality, x_all, shape, t.reshape(1).expand(len(all_rows)))
+        hidden = self._forward(all_rows, tokens, span, modality, token_shape, isolated, time_embedding, persist = False)
+        velocity = model.modalities.velocity(modality, hidden, x_all.to(hidden.dtype), shape).to(x.dtype)   # the ODE state's dtype
         if not guided:
             return velocity
         conditional, unconditional = velocity.chunk(2)
         return unconditional + cfg_scale * (conditional - unconditional)
 
     def commit(self, rows: list[int], modality: int, shape: tuple[int, ...], x1: Tensor) -> Tensor:
-        model, b, n = self.model, x1.shape[0], x1.shape[1]
-        tokens, time_embedding = self._instance_tokens(modality, x1, torch.ones(b, device = x1.device))
+        model, b = self.model, x1.shape[0]
+        token_shape = model.config.modalities[modality].token_shape(shape)
+        n = math.prod(token_shape)
+        tokens, time_embedding = self._instance_tokens(modality, x1, shape, torch.ones(b, device = x1.device))
         end = model.token_embedding(torch.full((b, 1), model.vocab.end[modality], device = x1.device))
         span = 0 if model.config.causal_modality_attention else n
-        hidden = self._forward(rows, torch.cat((tokens, end), dim = 1), span, modality, shape, None, time_embedding)
+        hidden = self._forward(rows, torch.cat((tokens, end), dim = 1), span, modality, token_shape, None, time_embedding)
         for r in rows:
             self.lengths[r] += n + 1
         return model.to_logits(hidden[:, -1])
@@ -178,8 +184,10 @@ class UncachedRunner:
             sequences = sequences + sequences
         docs = range(len(sequences))
         packed, hidden, last_instance = self._run(sequences, {d: t for d in docs}, set(docs[len(rows):]) if guided else set())
-        velocity = torch.stack([
-            model.modalities.velocity(modality, hidden[packed.instance == last_instance[d]]) for d in docs
+        inputs = torch.cat((x, x)) if guided else x
+        velocity = torch.cat([
+            model.modalities.velocity(modality, hidden[packed.instance == last_instance[d]][None], inputs[d:d + 1].to(hidden.dtype), shape)
+            for d in docs
         ]).to(x.dtype)
         if not guided:
             return velocity

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import TransfusionConfig
+from .config import ModalityConfig, TransfusionConfig
 from .transformer import Modulation
+from .unet import LatentUNet
 
 
 class TimeEmbedding(nn.Module):
@@ -57,12 +58,17 @@ class AdaptiveConditioning(nn.Module):
 
 
 class ModalityProjections(nn.Module):
-    """Latent tokens in (Float['l c'] -> Float['l d']) and predicted velocity out."""
+    """Latent tokens in (Float['l c'] -> Float['l d']) and predicted velocity out; with a
+    downsampling factor, a one-level U-Net (unet.py) in place of the two projections."""
 
-    def __init__(self, dim_latent: int, dim: int):
+    def __init__(self, spec: ModalityConfig, dim: int):
         super().__init__()
-        self.proj_in = nn.Linear(dim_latent, dim)
-        self.proj_out = nn.Linear(dim, dim_latent)
+        self.unet = None
+        if spec.downsample > 1:
+            self.unet = LatentUNet(spec.dim_latent, dim, spec.downsample, spec.num_axes, spec.unet_dim)
+        else:
+            self.proj_in = nn.Linear(spec.dim_latent, dim)
+            self.proj_out = nn.Linear(dim, spec.dim_latent)
 
 
 class Modalities(nn.Module):
@@ -72,7 +78,7 @@ class Modalities(nn.Module):
         super().__init__()
         dim = config.transformer.dim
         self.config = config
-        self.projections = nn.ModuleList([ModalityProjections(m.dim_latent, dim) for m in config.modalities])
+        self.projections = nn.ModuleList([ModalityProjections(m, dim) for m in config.modalities])
         self.time_embedding = TimeEmbedding(dim) if config.modalities else None
         self.adaptive = AdaptiveConditioning(dim, config.transformer.depth) if config.time_conditioning == 'adaptive' and config.modalities else None
         self.encoders = nn.ModuleList([e if e is not None else nn.Identity() for e in encoders])
@@ -124,10 +130,55 @@ class Modalities(nn.Module):
         finally:
             module.train(was_training)
 
-    def embed(self, modality: int, noised: Tensor, token_time_embedding: Tensor) -> Tensor:
-        """Float['l c'] noised latents and Float['l d'] time embeddings -> Float['l d'] tokens."""
-        return self.projections[modality].proj_in(noised) + token_time_embedding
+    def embed(self, modality: int, inputs: Tensor, shape: tuple[int, ...], token_time: Tensor) -> Tensor:
+        """Instances of one `shape`: inputs Float['b L c'] (L = prod(shape)) and time embeddings
+        broadcastable to Float['b l d'] -> tokens Float['b l d'] (l = L without a U-Net)."""
+        parts = self.projections[modality]
+        if parts.unet is None:
+            return parts.proj_in(inputs) + token_time
+        tokens, _ = parts.unet.encode(inputs, shape)
+        return tokens + token_time
 
-    def velocity(self, modality: int, hidden: Tensor) -> Tensor:
-        """Float['l d'] hidden states -> Float['l c'] predicted velocities."""
-        return self.projections[modality].proj_out(hidden)
+    def velocity(self, modality: int, hidden: Tensor, inputs: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Instances of one `shape`: hidden states Float['b l d'] -> velocities Float['b L c'].
+        `inputs` are the network inputs the tokens came from (the U-Net recomputes its skip)."""
+        parts = self.projections[modality]
+        if parts.unet is None:
+            return parts.proj_out(hidden)
+        _, skip = parts.unet.encode(inputs, shape)
+        return parts.unet.decode(hidden, skip, shape)
+
+    def embed_group(self, modality: int, inputs: Tensor, shapes: list[tuple[int, ...]], token_time: Tensor) -> Tensor:
+        """All instances of a modality in a packed batch, flattened: Float['L c'] -> Float['l d']."""
+        if self.projections[modality].unet is None:
+            return self.embed(modality, inputs, (), token_time)
+        pieces = self._per_shape(inputs, shapes, lambda x, shape: self.embed(modality, x, shape, 0.))
+        return torch.cat(pieces) + token_time
+
+    def velocity_group(self, modality: int, hidden: Tensor, inputs: Tensor, shapes: list[tuple[int, ...]]) -> Tensor:
+        """Float['l d'] hidden states of all instances of a modality -> Float['L c'] velocities."""
+        if self.projections[modality].unet is None:
+            return self.velocity(modality, hidden, inputs, ())
+        spec = self.config.modalities[modality]
+        token_counts = [math.prod(spec.token_shape(shape)) for shape in shapes]
+        hidden_by_instance = list(hidden.split(token_counts))
+        pieces = self._per_shape(inputs, shapes, lambda x, shape, h: self.velocity(modality, h, x, shape), hidden_by_instance)
+        return torch.cat(pieces)
+
+    @staticmethod
+    def _per_shape(inputs: Tensor, shapes: list, fn, per_instance: list | None = None) -> list[Tensor]:
+        """Apply fn batched over instances of equal shape; returns per-instance flattened results."""
+        sizes = [math.prod(shape) for shape in shapes]
+        chunks = inputs.split(sizes)
+        by_shape = defaultdict(list)
+        for i, shape in enumerate(shapes):
+            by_shape[tuple(shape)].append(i)
+        out = [None] * len(shapes)
+        for shape, members in by_shape.items():
+            args = [torch.stack([chunks[i] for i in members])]
+            if per_instance is not None:
+                args.append(torch.stack([per_instance[i] for i in members]))
+            result = fn(args[0], shape, *args[1:])
+            for i, row in zip(members, result):
+                out[i] = row
+        return out

@@ -76,15 +76,18 @@ class Sampler:
             return self.options.fixed_modality_shape[modality]
         return None if spec.shape_tokens else spec.default_shape
 
+    def token_shape(self, modality: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return self.model.config.modalities[modality].token_shape(shape)
+
     def min_length(self, modality: int) -> int:
-        spec = self.model.config.modalities[modality]
-        return min_instance_length(spec.num_axes, spec.shape_tokens, self.fixed_shape(modality))
+        spec, fixed = self.model.config.modalities[modality], self.fixed_shape(modality)
+        return min_instance_length(spec.num_axes, spec.shape_tokens, None if fixed is None else spec.token_shape(fixed))
 
     def remaining_need(self, row: Row) -> int:
         """Fewest tokens the row's started instance still needs (latents and end token, plus the
         rest of its shape when that is still to be decoded)."""
         if row.phase == 'modality':
-            return math.prod(row.shape) + 1
+            return math.prod(self.token_shape(row.modality, row.shape)) + 1
         spec = self.model.config.modalities[row.modality]
         return min_instance_length(spec.num_axes, spec.shape_tokens, None) - 1
 
@@ -146,7 +149,7 @@ class Sampler:
         shape = shape if shape is not None else self.fixed_shape(modality)
         if shape is not None:
             if spec.shape_tokens:
-                row.queue.extend(self.vocab.shape_ids(shape))
+                row.queue.extend(self.vocab.shape_ids(spec.token_shape(shape)))
             row.shape, row.phase = tuple(shape), 'modality'
         else:
             row.shape_decoder = ShapeDecoder(self.vocab, spec.num_axes, self.model.config.max_shape_value)
@@ -155,13 +158,14 @@ class Sampler:
     def push_shape_token(self, row: Row, token: int) -> None:
         row.queue.append(token)
         row.shape_decoder.push(token)
-        if row.shape_decoder.done:
-            row.shape, row.phase, row.shape_decoder = row.shape_decoder.shape, 'modality', None
+        if row.shape_decoder.done:  # the decoded shape is the transformer-side grid
+            shape = self.model.config.modalities[row.modality].data_shape(row.shape_decoder.shape)
+            row.shape, row.phase, row.shape_decoder = shape, 'modality', None
 
     def shape_fallback(self, row: Row) -> None:
         """No shape token fits (max_length reached mid-shape): use the default shape if it fits."""
         default = self.model.config.modalities[row.modality].default_shape
-        if default is not None and math.prod(default) + 1 <= self.options.max_length - row.length:
+        if default is not None and math.prod(self.token_shape(row.modality, default)) + 1 <= self.options.max_length - row.length:
             warnings.warn(f'sampling: could not decode a shape for modality {row.modality}; using the default shape {default}')
             row.shape, row.phase, row.shape_decoder = default, 'modality', None
         else:
@@ -205,7 +209,7 @@ class Sampler:
             logits = self.runner.commit([r.index for r in continuing], modality, shape, x1[[rows.index(r) for r in continuing]])
         for row, data in zip(rows, decoded):
             row.output.append((modality, data))
-            row.length += count + 1
+            row.length += math.prod(spec.token_shape(shape)) + 1
             row.modality, row.shape = None, None
             row.phase = 'done' if row.stop_after_modality else 'text'
         for row, row_logits in zip(continuing, logits if continuing else []):
@@ -274,6 +278,8 @@ def _fixed_shapes(model, fixed_modality_shape) -> dict[int, tuple[int, ...]]:
             raise ValueError(f'fixed_modality_shape {shape} for modality {m} must be {spec.num_axes} positive ints')
         if not spec.shape_tokens and shape != spec.default_shape:
             raise ValueError(f'modality {m} has shape tokens off; its shape is fixed at {spec.default_shape}')
+        if any(a % spec.downsample for a in shape):
+            raise ValueError(f'fixed_modality_shape {shape} for modality {m} must be divisible by its downsample factor {spec.downsample}')
     return shapes
 
 

@@ -48,8 +48,9 @@ def packed_coordinates(config: TransfusionConfig, packed: PackedBatch) -> Tensor
     """Int['n a'] grid coordinates of every latent token (0 for text-like tokens)."""
     axes = coordinate_axes(config, packed)
     coords = torch.zeros(packed.length, axes, dtype = torch.long)
-    for start, shape in zip(packed.instance_starts, packed.instance_shape):
-        coords[start:start + math.prod(shape)] = grid_coordinates(shape, axes)
+    for start, shape, modality in zip(packed.instance_starts, packed.instance_shape, packed.instance_modality):
+        token_shape = config.modalities[modality].token_shape(shape)
+        coords[start:start + math.prod(token_shape)] = grid_coordinates(token_shape, axes)
     return coords.to(packed.token_ids.device)
 
 

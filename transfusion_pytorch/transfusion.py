@@ -230,7 +230,7 @@ class Transfusion(nn.Module):
         x = self.token_embedding(packed.token_ids)                                          # (n, d)
         time_embedding = self.modalities.time_embedding(times) if packed.groups else None   # (i, d)
         for group, inputs in zip(packed.groups, group_inputs):
-            tokens = self.modalities.embed(group.modality, inputs.to(x.dtype), time_embedding[group.instance])
+            tokens = self.modalities.embed_group(group.modality, inputs.to(x.dtype), group.shapes, time_embedding[group.instance])
             x = x.index_copy(0, group.index, tokens.to(x.dtype))
         positions, mask, routing, instance, pad = packed_transformer_inputs(self, packed, isolated, kv_length)
         modulations = None
@@ -261,13 +261,14 @@ class Transfusion(nn.Module):
 
     def _packed_loss(self, packed: PackedBatch, times, noise) -> LossBreakdown:
         times, group_noise, isolated = self._draw(packed, times, noise)
-        inputs = [flow.noised(g.data, n, times[g.instance]) for g, n in zip(packed.groups, group_noise)]
+        inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
         hidden = self.packed_hidden(packed, inputs, times, isolated)
         logits = self.to_logits(hidden[packed.loss_index])
         text = F.cross_entropy(logits.float(), packed.loss_targets)
         flow_parts = {
-            g.modality: F.mse_loss(self.modalities.velocity(g.modality, hidden[g.index]).float(), flow.velocity_target(g.data.float(), n.float()))
-            for g, n in zip(packed.groups, group_noise)
+            g.modality: F.mse_loss(self.modalities.velocity_group(g.modality, hidden[g.index], x_t.to(hidden.dtype), g.shapes).float(),
+                                   flow.velocity_target(g.data.float(), n.float()))
+            for g, n, x_t in zip(packed.groups, group_noise, inputs)
         }
         flow_loss = text.new_zeros(())
         if flow_parts:
@@ -291,9 +292,9 @@ class Transfusion(nn.Module):
         self.eval()
         try:
             times, group_noise, _ = self._draw(packed, times, noise)
-            noised_inputs = [flow.noised(g.data, n, times[g.instance]) for g, n in zip(packed.groups, group_noise)]
+            noised_inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
             hidden = self.packed_hidden(packed, noised_inputs, times)
-            velocities = [self.modalities.velocity(g.modality, hidden[g.index]) for g in packed.groups]
+            velocities = [self.modalities.velocity_group(g.modality, hidden[g.index], x_t, g.shapes) for g, x_t in zip(packed.groups, noised_inputs)]
         finally:
             self.train(was_training)
         logits = self.to_logits(hidden)
@@ -370,7 +371,9 @@ class Transfusion(nn.Module):
         shape = fixed_modality_shape or self.config.modalities[modality_type].default_shape
         if shape is None:
             raise ValueError(f'modality {modality_type} has no default shape: pass fixed_modality_shape')
-        length = 2 + len(self.vocab.shape_ids(tuple(shape))) + math.prod(shape) + 1
+        spec = self.config.modalities[modality_type]
+        token_shape = spec.token_shape(tuple(shape))
+        length = 2 + (len(self.vocab.shape_ids(token_shape)) if spec.shape_tokens else 0) + math.prod(token_shape) + 1
         samples = sample_many(
             self, [None] * batch_size, max_length = length, modality_steps = modality_steps, ode_method = ode_method,
             cfg_scale = cfg_scale, force_modality_at_start = (modality_type, tuple(shape)), seed = seed,
