@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn, randint, randn
 
-from transfusion_pytorch import Transfusion
+from transfusion_pytorch import Transfusion, objective
 from transfusion_pytorch.masks import AttentionRule
 
 from conftest import mixed_batch, tiny_model
@@ -195,7 +195,7 @@ def test_multimodal_options_train_with_gradients_everywhere(option):
 def test_noise_limiting_draws_captioned_images_from_the_cleaner_half():
     model = tiny_model(noise_limit_before_text = True)
     packed = model.pack([[randn(2, 3, 8), randint(0, 16, (4,))], [randint(0, 16, (4,)), randn(2, 3, 8)]] * 50)
-    times, _, _ = model._draw(packed, None, None)
+    times, _, _ = objective.draw(model, packed, None, None)
     followed = packed.instance_followed_by_text
     assert followed.sum() == 50 and (times[followed] >= 0.5).all()
     assert (times[~followed] < 0.5).any()
@@ -204,7 +204,7 @@ def test_noise_limiting_draws_captioned_images_from_the_cleaner_half():
 def test_condition_dropout_isolates_whole_instances():
     model = tiny_model(condition_dropout = 0.5)
     packed = model.pack(mixed_batch() * 10)
-    _, _, isolated = model._draw(packed, None, None)
+    _, _, isolated = objective.draw(model, packed, None, None)
     assert not isolated[packed.instance < 0].any()
     for i in range(packed.num_instances):
         flags = isolated[packed.instance == i]

@@ -21,25 +21,16 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from . import flow
+from . import flow, objective
 from .batch import PackedBatch, pack, to_items
 from .config import TransfusionConfig, build_config
 from .debug import Batch, typechecked
 from .masks import alibi_slopes, causal_mask
 from .token_layout import packed_transformer_inputs
 from .modality import Modalities
+from .objective import LossBreakdown
 from .tokens import Vocabulary
 from .transformer import Transformer
-
-
-@dataclass
-class LossBreakdown:
-    """The parts of the loss: total = text_loss_weight * text + flow_loss_weight * flow, where
-    flow is the loss-weighted mean of the per-modality flow MSEs present in the batch."""
-    total: Tensor
-    text: Tensor
-    flow: Tensor
-    flow_per_modality: dict[int, Tensor]
 
 
 @dataclass
@@ -127,10 +118,10 @@ class Transfusion(nn.Module):
             the flow-matching draws, in order of appearance; by default they are sampled.
         """
         if torch.is_tensor(batch) and not batch.is_floating_point():
-            breakdown = self._text_only_loss(batch)
+            breakdown = objective.text_only_loss(self, batch)
         else:
             packed, check = self.pack(self._as_samples(batch, modality_type), defer_check = True)
-            breakdown = self._packed_loss(packed, times, noise)
+            breakdown = objective.packed_loss(self, packed, times, noise)
             check.raise_if_invalid()   # after queueing the forward: one sync, no stall
         return (breakdown.total, breakdown) if return_breakdown else breakdown.total
 
@@ -154,27 +145,6 @@ class Transfusion(nn.Module):
         packed = pack(samples, self.config, self.vocab, self.device, close = close)
         return (packed, check) if defer_check else packed
 
-    def _text_only_loss(self, ids: Tensor) -> LossBreakdown:
-        if ids.ndim != 2 or ids.shape[1] < 2:
-            raise ValueError(f'text-only training expects token ids of shape (b, n) with n >= 2, got {tuple(ids.shape)}')
-        if ids.dtype == torch.bool or ids.is_complex():
-            raise TypeError(f'text-only training expects integer token ids, got {ids.dtype}')
-        limit = self.config.num_text_tokens
-        invalid = ((ids < 0) | (ids >= limit)).any()
-        if invalid.device.type == 'cpu':
-            self._raise_for_text_ids(ids, invalid)
-        ids = ids.to(self.device).long()
-        logits = self.text_logits(ids.clamp(0, limit - 1))[:, :-1]   # clamped: no device assert before the check
-        text = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        self._raise_for_text_ids(ids, invalid)                       # device batches: one sync, after queueing
-        total = self.config.text_loss_weight * text + self._unused_parameter_anchor(set())
-        return LossBreakdown(total = total, text = text, flow = text.new_zeros(()), flow_per_modality = {})
-
-    def _raise_for_text_ids(self, ids: Tensor, invalid: Tensor) -> None:
-        if invalid.item():
-            row, column = ((ids < 0) | (ids >= self.config.num_text_tokens)).nonzero()[0].tolist()
-            raise ValueError(f'sample {row}, item 0: text id {int(ids[row, column])} at position {column} is outside [0, num_text_tokens={self.config.num_text_tokens})')
-
     @typechecked
     def text_logits(self, ids: Int[Tensor, 'b n']) -> Float[Tensor, 'b n v']:
         """Float['b n v'] next-token logits for text-only rows Int['b n'] (causal attention)."""
@@ -183,40 +153,6 @@ class Transfusion(nn.Module):
         positions = torch.arange(n, device = ids.device)[None]
         hidden = self.transformer(self.token_embedding(ids), positions, mask)
         return self.to_logits(hidden)
-
-    def _draw(self, packed: PackedBatch, times: Tensor | None, noise: list[Tensor] | None):
-        """Times Float['i'], per-group noise Float['l c'] and isolated tokens Bool['n'] | None."""
-        count, device = packed.num_instances, self.device
-        if times is None:
-            times = flow.sample_times(count, self.config.time_sampling, device)
-            if self.config.noise_limit_before_text and self.training:
-                times = flow.limit_noise(times, packed.instance_followed_by_text)
-        else:
-            times = torch.as_tensor(times, dtype = torch.float32, device = device).reshape(-1)
-            if times.shape[0] != count:
-                raise ValueError(f'times must hold one value per modality instance ({count}), got {times.shape[0]}')
-        if noise is None:
-            group_noise = [torch.randn_like(g.data) for g in packed.groups]
-        else:
-            group_noise = self._group_noise(packed, noise)
-        isolated = None
-        if self.config.condition_dropout > 0 and self.training:
-            dropped = torch.rand(count, device = device) < self.config.condition_dropout
-            dropped = torch.cat((dropped, dropped.new_zeros(1)))                       # index -1 -> False
-            isolated = dropped[packed.instance]
-        return times, group_noise, isolated
-
-    def _group_noise(self, packed: PackedBatch, noise: list[Tensor]) -> list[Tensor]:
-        if len(noise) != packed.num_instances:
-            raise ValueError(f'noise must hold one tensor per modality instance ({packed.num_instances}), got {len(noise)}')
-        flat = []
-        for i, (modality, shape, tensor) in enumerate(zip(packed.instance_modality, packed.instance_shape, noise)):
-            spec = self.config.modalities[modality]
-            canonical = tensor.movedim(0, -1) if spec.channel_first else tensor
-            if tuple(canonical.shape) != (*shape, spec.dim_latent):
-                raise ValueError(f'noise for instance {i} must match its latent shape {(*shape, spec.dim_latent)} (in the latent layout), got {tuple(tensor.shape)}')
-            flat.append(canonical.reshape(-1, spec.dim_latent).to(self.device))
-        return [torch.cat([flat[i] for i in range(len(flat)) if packed.instance_modality[i] == g.modality]) for g in packed.groups]
 
     @typechecked
     def packed_hidden(self, packed: PackedBatch, group_inputs: list[Float[Tensor, '_l _c']], times: Float[Tensor, 'i'],
@@ -240,44 +176,6 @@ class Transfusion(nn.Module):
                                   cache = cache, compiled = compiled, routing = routing)
         return hidden[0, :packed.length]
 
-    def _unused_parameter_anchor(self, present: set[int]) -> Tensor:
-        """Zero that depends on the parameters this batch did not use (absent modalities, time
-        conditioning without instances), so every parameter gets a gradient and DDP needs no
-        find_unused_parameters."""
-        unused = [p for m, proj in enumerate(self.modalities.projections) if m not in present for p in proj.parameters()]
-        if self.config.modality_experts:  # absent modalities' expert weights in every block
-            unused += [p for name, p in self.transformer.named_parameters()
-                       if '.experts.' in name and int(name.split('.experts.')[1].split('.')[0]) - 1 not in present | {-1}]
-        if not present:
-            for module in (self.modalities.time_embedding, self.modalities.adaptive):
-                unused += list(module.parameters()) if module is not None else []
-        if self.modalities.train_encoders:
-            unused += [p for m in range(self.config.num_modalities) if m not in present for p in self.modalities.encoders[m].parameters()]
-        anchor = self.token_embedding.weight.new_zeros(())
-        for p in unused:
-            if p.requires_grad:
-                anchor = anchor + 0. * p.sum()
-        return anchor
-
-    def _packed_loss(self, packed: PackedBatch, times, noise) -> LossBreakdown:
-        times, group_noise, isolated = self._draw(packed, times, noise)
-        inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
-        hidden = self.packed_hidden(packed, inputs, times, isolated)
-        logits = self.to_logits(hidden[packed.loss_index])
-        text = F.cross_entropy(logits.float(), packed.loss_targets)
-        flow_parts = {
-            g.modality: F.mse_loss(self.modalities.velocity_group(g.modality, hidden[g.index], x_t.to(hidden.dtype), g.shapes).float(),
-                                   flow.velocity_target(g.data.float(), n.float()))
-            for g, n, x_t in zip(packed.groups, group_noise, inputs)
-        }
-        flow_loss = text.new_zeros(())
-        if flow_parts:
-            weights = {m: self.config.modalities[m].loss_weight for m in flow_parts}
-            flow_loss = sum(weights[m] * part for m, part in flow_parts.items()) / sum(weights.values())
-        total = self.config.text_loss_weight * text + self.config.flow_loss_weight * flow_loss
-        total = total + self._unused_parameter_anchor(set(flow_parts))
-        return LossBreakdown(total = total, text = text, flow = flow_loss, flow_per_modality = flow_parts)
-
     # research access
 
     @torch.no_grad()
@@ -291,7 +189,7 @@ class Transfusion(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            times, group_noise, _ = self._draw(packed, times, noise)
+            times, group_noise, _ = objective.draw(self, packed, times, noise)
             noised_inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
             hidden = self.packed_hidden(packed, noised_inputs, times)
             velocities = [self.modalities.velocity_group(g.modality, hidden[g.index], x_t, g.shapes) for g, x_t in zip(packed.groups, noised_inputs)]
