@@ -24,7 +24,8 @@ setup(
         'tqdm',
     ],
     extras_require = {
-        'test': ['pytest>=8', 'hypothesis>=6'],
+        # the example smoke tests train on scikit-learn's bundled data and draw with matplotlib
+        'test': ['pytest>=8', 'hypothesis>=6', 'scikit-learn>=1.3', 'matplotlib>=3.7'],
         # the examples train on scikit-learn's bundled digits and draw their figures with matplotlib
         'examples': ['scikit-learn>=1.3', 'matplotlib>=3.7'],
     },
