@@ -145,8 +145,10 @@ class AttentionRule:
         any_allowed, all_allowed = torch.cat(any_allowed), torch.cat(all_allowed)
         full = any_allowed & all_allowed
         partial = any_allowed & ~all_allowed
+        # whole tiles (the padded training path) need no explicit lengths, which older torch lacks
+        lengths = {} if n % tile == 0 else dict(seq_lengths = (n, n))
         return BlockMask.from_kv_blocks(*_tile_lists(partial), *_tile_lists(full), BLOCK_SIZE = tile,
-                                        mask_mod = self.mask_mod, seq_lengths = (n, n))
+                                        mask_mod = self.mask_mod, **lengths)
 
 
 def _tile_lists(flags: Tensor) -> tuple[Tensor, Tensor]:
