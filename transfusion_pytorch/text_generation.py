@@ -49,26 +49,52 @@ def choose_tokens(
     return torch.cat([torch.multinomial(row[None], 1, generator = g).squeeze(-1) for row, g in zip(probs, generators)])
 
 
+def sample_tokens(logits: Tensor, temperature: float = 1., min_p: float = 0.1) -> Tensor:
+    """Int['b'] tokens from Float['b v'] logits, the distribution of `choose_tokens`, drawn by
+    Gumbel-max from torch.rand: no host round trip, so it can live inside a compiled or
+    CUDA-graphed decode step."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim = -1)
+    if min_p > 0:
+        logits = logits.masked_fill(~min_p_keep(logits, min_p), float('-inf'))
+    uniform = torch.rand_like(logits).clamp(min = 1e-20)
+    return (logits / temperature - (-uniform.log()).log()).argmax(dim = -1)
+
+
 class TextDecoder:
     """Text-only decoding over a static cache. All rows share their positions, so each step
     writes one slot with an index copy and one mask Bool['1 1 q s'] serves every row and layer.
-    Shapes never change between steps (tokens Int['b 1'], position Int['1']), so the step can be
-    captured by CUDA graphs when compiled; the LM head computes text logits only."""
+
+    A step reads the last token and the position from buffers it updates in place, samples the
+    next token inside the step and takes no arguments: nothing changes shape or address between
+    steps, so the compiled step is captured once by CUDA graphs (on a GPU) and replayed, and on
+    any device each token costs one call. The LM head computes text logits only."""
 
     def __init__(self, model, batch: int, slots: int, compile_step: bool = False):
         self.model = model
         self.cache = KVCache.for_model(model, batch, slots)
         self.text_head = model.to_logits.weight[:model.config.num_text_tokens]
+        self.last_token = torch.zeros((batch, 1), dtype = torch.long, device = model.device)
+        self.position = torch.zeros(1, dtype = torch.long, device = model.device)
         self.step = self._step
         if compile_step:
-            for tensor in self.cache.tensors():
+            for tensor in [*self.cache.tensors(), self.last_token, self.position]:
                 torch._dynamo.mark_static_address(tensor)
             mode = 'reduce-overhead' if model.device.type == 'cuda' else None
             self.step = torch.compile(self._step, mode = mode, fullgraph = True, dynamic = False)
 
-    def _step(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Feed Int['b q'] tokens written at slots positions Int['q'] (shared by all rows);
-        returns the last position's text logits Float['b t']."""
+    def _step(self, temperature: float, min_p: float) -> Tensor:
+        """Feed the last token at the current position, advance both; returns the new token
+        Int['b 1'] (the last_token buffer itself: copy it before the next step)."""
+        token = sample_tokens(self._logits(self.last_token, self.position), temperature, min_p)
+        self.last_token.copy_(token[:, None])
+        self.position.add_(1)
+        return self.last_token
+
+    def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """The last position's text logits Float['b t'] after feeding Int['b q'] tokens at
+        slots positions Int['q'] (shared by all rows)."""
         model = self.model
         slot = torch.arange(self.cache.slots, device = tokens.device)
         mask = AttentionMask(dense = (slot[None, :] <= positions[:, None])[None, None])   # (1, 1, q, s)
@@ -76,8 +102,13 @@ class TextDecoder:
         hidden = model.transformer(model.token_embedding(tokens), positions[None], mask, cache = self.cache.layer_views(positions), compiled = False)
         return F.linear(hidden[:, -1], self.text_head)
 
-    def prefill(self, prompt: Tensor) -> Tensor:
-        return self._step(prompt, torch.arange(prompt.shape[1], device = prompt.device))
+    def prefill(self, prompt: Tensor, temperature: float, min_p: float) -> Tensor:
+        """Encode Int['b p'] prompts (eagerly: prompt lengths vary), choose the first new token
+        Int['b 1'] and set the buffers for the steps that follow."""
+        logits = self._logits(prompt, torch.arange(prompt.shape[1], device = prompt.device))
+        self.last_token.copy_(sample_tokens(logits, temperature, min_p)[:, None])
+        self.position.fill_(prompt.shape[1])
+        return self.last_token
 
 
 def text_decoder(model, batch: int, slots: int, compile_step: bool) -> TextDecoder:
@@ -117,16 +148,12 @@ def generate_text_only(
 
     out = torch.empty((b, seq_len), dtype = torch.long, device = model.device)
     out[:, :p] = prompt
-    if cache_kv:
-        decoder = text_decoder(model, b, seq_len, compile_step)
-        logits = decoder.prefill(prompt)
-        position = torch.full((1,), p, dtype = torch.long, device = model.device)
-    for index in range(p, seq_len):
-        if not cache_kv:
-            logits = model.text_logits(out[:, :index])[:, -1, :text_count]
-        token = choose_tokens(logits, temperature, min_p)
-        out[:, index] = token
-        if cache_kv and index + 1 < seq_len:
-            logits = decoder.step(token[:, None], position)
-            position += 1
+    if not cache_kv:
+        for index in range(p, seq_len):
+            out[:, index] = sample_tokens(model.text_logits(out[:, :index])[:, -1, :text_count], temperature, min_p)
+        return out[:, p:]
+    decoder = text_decoder(model, b, seq_len, compile_step)
+    out[:, p:p + 1] = decoder.prefill(prompt, temperature, min_p)
+    for index in range(p + 1, seq_len):
+        out[:, index:index + 1] = decoder.step(temperature, min_p)
     return out[:, p:]
