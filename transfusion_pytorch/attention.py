@@ -112,10 +112,14 @@ class Attention(nn.Module):
             k, v = write_to_cache(cache, k, v)
 
         dropout = self.dropout if self.training else 0.
+        if mask.segments is not None:       # one row per sample: no scores across samples
+            q, k, v = (mask.segments.gather(t) for t in (q, k, v))
         if self.laser:
             out = laser_attend(q, k, v, mask, dropout)
         else:
             out = attend(q, k, v, mask, dropout)
+        if mask.segments is not None:
+            out = mask.segments.scatter(out)
         return experts_module.apply(self.to_out, rearrange(out, 'b h n e -> b n (h e)'), routing), values
 
 

@@ -38,16 +38,49 @@ class AttentionMask:
     block: a flex BlockMask.
     bias: Float['b|1 h q k'] added to the scores of visible pairs (dense backend: ALiBi).
     score_mod: the same bias for flex attention.
+    segments: attend sample by sample (dense backend): queries, keys and values of the packed
+        sequence are gathered into one padded row per sample, and `dense`/`bias` describe those
+        rows. A packed batch of b samples then costs b * L^2 scores instead of (b * L)^2.
     """
     is_causal: bool = False
     dense: Tensor | None = None
     block: BlockMask | None = None
     bias: Tensor | None = None
     score_mod: object = None
+    segments: 'Segments | None' = None
 
     @property
     def uses_flex(self) -> bool:
         return self.block is not None
+
+
+@dataclass
+class Segments:
+    """index: Int['b L'] packed position of each slot of each sample's row (padding repeats the
+    sample's first token); keep: Int['n'] flat row slots holding real tokens, in packed order."""
+    index: Tensor
+    keep: Tensor
+
+    @classmethod
+    def from_slices(cls, slices: list[tuple[int, int]], device) -> 'Segments':
+        width = max(b - a for a, b in slices)
+        index = [[a + j if a + j < b else a for j in range(width)] for a, b in slices]
+        keep = [row * width + j for row, (a, b) in enumerate(slices) for j in range(b - a)]
+        return cls(torch.tensor(index, device = device), torch.tensor(keep, device = device))
+
+    @property
+    def valid(self) -> Tensor:
+        """Bool['b L'] slots that hold a real token."""
+        flags = torch.zeros(self.index.numel(), dtype = torch.bool, device = self.index.device)
+        return flags.index_fill(0, self.keep, True).reshape(self.index.shape)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Float['1 h n e'] packed -> Float['b h L e'] one row per sample."""
+        return rearrange(x[0][:, self.index], 'h b l e -> b h l e')
+
+    def scatter(self, x: Tensor) -> Tensor:
+        """Float['b h L e'] rows -> Float['1 h n e'] packed."""
+        return rearrange(x, 'b h l e -> h (b l) e')[:, self.keep][None]
 
 
 class AttentionRule:
@@ -172,13 +205,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def mask_for_rule(rule: AttentionRule, backend: str, kv_length: int | None = None) -> AttentionMask:
+def mask_for_rule(rule: AttentionRule, backend: str, kv_length: int | None = None,
+                  sample_slices: list[tuple[int, int]] | None = None) -> AttentionMask:
     """Render `rule` for one packed sequence (batch of one) with the chosen backend. kv_length:
-    keys are the slots of a longer cache (dense only)."""
+    keys are the slots of a longer cache (dense only). sample_slices: where the samples lie;
+    with several, the dense backend attends sample by sample (no scores across samples)."""
     if kv_length is None and resolve_backend(backend, rule.document.device) == 'flex':
         return AttentionMask(block = rule.block_mask(), score_mod = rule.score_mod if rule.has_alibi else None)
+    if kv_length is None and sample_slices is not None and len(sample_slices) > 1:
+        return segmented_mask(rule, Segments.from_slices(sample_slices, rule.document.device))
     bias = rule.dense_bias(kv_length)[None] if rule.has_alibi else None
     return AttentionMask(dense = rule.dense(kv_length)[None, None], bias = bias)
+
+
+def segmented_mask(rule: AttentionRule, segments: Segments) -> AttentionMask:
+    """The rule on one padded row per sample: Bool['b 1 L L']; padding slots see only themselves
+    (no empty rows) and are never seen."""
+    q, k = segments.index[:, :, None], segments.index[:, None, :]
+    valid = segments.valid
+    width = valid.shape[1]
+    allowed = rule.allows(q, k) & valid[:, None, :]
+    allowed = allowed | (~valid[:, :, None] & torch.eye(width, dtype = torch.bool, device = valid.device))
+    bias = None
+    if rule.has_alibi:
+        head = torch.arange(rule.alibi_slopes.shape[0], device = valid.device)[None, :, None, None]
+        bias = rule.alibi(head, q[:, None], k[:, None])
+    return AttentionMask(dense = allowed[:, None], bias = bias, segments = segments)
 
 
 def alibi_slopes(heads: int, alibi_heads: int, device: torch.device | None = None) -> Tensor:

@@ -92,7 +92,7 @@ def packed_transformer_inputs(model, packed: PackedBatch, isolated: Tensor | Non
         coords = F.pad(coords, (0, 0, 0, pad)) if coords is not None else None
     rule = AttentionRule(document, instance, isolated, bidirectional_instances = not config.causal_modality_attention,
                          coords = coords, alibi_slopes = model.alibi_slopes if config.alibi_heads else None)
-    mask = mask_for_rule(rule, backend, kv_length)
+    mask = mask_for_rule(rule, backend, kv_length, sample_slices = packed.sample_slices)
     return positions, mask, packed_routing(config, packed, packed.length + pad), instance, pad
 
 
