@@ -9,9 +9,12 @@ Glossary: b batch, v vocabulary, p prompt length, s cache slots.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kv_cache import KVCache
 from .masks import AttentionMask
@@ -98,8 +101,11 @@ class TextDecoder:
         model = self.model
         slot = torch.arange(self.cache.slots, device = tokens.device)
         mask = AttentionMask(dense = (slot[None, :] <= positions[:, None])[None, None])   # (1, 1, q, s)
-        # compiled=False: the step is compiled as a whole (or not at all), never block by block
-        hidden = model.transformer(model.token_embedding(tokens), positions[None], mask, cache = self.cache.layer_views(positions), compiled = False)
+        # one query against a few hundred slots: on CPU the math path (which the compiler fuses)
+        # beat the flash kernel, 1006 -> ~1130 tokens/s at the CPU benchmark size; GPUs keep SDPA's choice
+        backends = sdpa_kernel([SDPBackend.MATH]) if tokens.device.type == 'cpu' else nullcontext()
+        with backends:   # compiled=False: the step is compiled as a whole (or not at all), never block by block
+            hidden = model.transformer(model.token_embedding(tokens), positions[None], mask, cache = self.cache.layer_views(positions), compiled = False)
         return F.linear(hidden[:, -1], self.text_head)
 
     def prefill(self, prompt: Tensor, temperature: float, min_p: float) -> Tensor:
