@@ -61,9 +61,11 @@ class CachedRunner:
         routing = step_routing(model.config, modality, b, q, latents, x.device)
         everyone = rows == list(range(self.cache.batch))
         cache = self.cache if everyone else self.cache.rows(torch.tensor(rows, device = x.device))
-        # eager blocks: compiled ones measured slower here on an H200 (0.475 s vs 0.404 s per 256-token
-        # modality, benchmarks/results/h200_profile.log); the cost is launch overhead, not arithmetic
-        hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(slots), compiled = False, routing = routing)
+        # compiled blocks (when on) measured faster on CPU (0.155 -> 0.129 s per 64-token modality,
+        # 2 cores) but slower on an H200 (0.404 -> 0.475 s per 256-token modality,
+        # benchmarks/results/h200_profile.log), where the cost is kernel launches, not arithmetic
+        compiled = x.device.type == 'cpu'
+        hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(slots), compiled = compiled, routing = routing)
         if persist and not everyone:
             self.cache.copy_rows_(cache, torch.tensor(rows, device = x.device))
         return hidden
