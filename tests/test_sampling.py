@@ -164,3 +164,11 @@ def test_end_to_end_toy_task():
         sample = model.sample(torch.tensor([k]), max_length = 7, force_modality_at_start = 0, modality_steps = 8, seed = k, **QUIET)
         latent = sample[1][1]
         assert (latent - k / 4).abs().mean() < 0.1, (k, latent)
+
+
+def test_stop_after_modality_gives_one_instance_per_prompt():
+    model = tiny_model()
+    samples = model.sample_many([randint(0, 16, (2,)), None], force_modality_at_start = (1, (3,)), max_length = 60,
+                                modality_steps = 2, seed = 0, stop_after_modality = True, **QUIET)
+    assert [len(s) for s in samples] == [2, 1]
+    assert is_modality(samples[0][-1]) and is_modality(samples[1][-1])

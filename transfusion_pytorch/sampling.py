@@ -321,9 +321,9 @@ def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = 
     model.eval()
     try:
         for row, row_items in zip(rows, items):
+            row.stop_after_modality = stop_after_modality
             if force_modality_at_start is not None:
                 sampler.start_modality(row, modality, shape)
-                row.stop_after_modality = stop_after_modality
             # forced begin/shape tokens are known: encode them with the prompt in one forward
             forced, row.queue = row.queue, []
             opening = [TextItem(torch.tensor(forced, dtype = torch.long, device = model.device))] if forced else []

@@ -226,7 +226,7 @@ class Transfusion(nn.Module):
     def sample_many(self, prompts: list, *, max_length: int = 2048, text_temperature: float = 1., text_min_p: float = 0.1,
                     cache_kv: bool = True, modality_steps: int = 16, ode_method: str = 'midpoint',
                     fixed_modality_shape = None, force_modality_at_start = None, cfg_scale: float = 1.,
-                    seed = None, show_progress: bool = True) -> list[list]:
+                    seed = None, show_progress: bool = True, stop_after_modality: bool = False) -> list[list]:
         """Sample one continuation per prompt, batched: rows in the same phase share forwards.
 
         prompts: each None, text (Int['t']), a modality (a floating tensor, or (index, tensor),
@@ -243,6 +243,8 @@ class Transfusion(nn.Module):
             own instance) runs in the same forward; 1 disables it at no extra cost.
         seed: an int (row r uses seed + r) or one int per prompt; each row then draws from its own
             generator, so the result does not depend on the batch.
+        stop_after_modality: end each sample right after the first modality it generates (e.g.
+            one image per text prompt), without encoding it for more text.
         Returns, per prompt, a list of items: text as 1-D long tensors of text ids, modalities as
         (index, tensor) in the user's layout (decoded when there is a decoder), prompt included.
         """
@@ -251,7 +253,7 @@ class Transfusion(nn.Module):
             self, prompts, max_length = max_length, text_temperature = text_temperature, text_min_p = text_min_p,
             cache_kv = cache_kv, modality_steps = modality_steps, ode_method = ode_method,
             fixed_modality_shape = fixed_modality_shape, force_modality_at_start = force_modality_at_start,
-            cfg_scale = cfg_scale, seed = seed, show_progress = show_progress,
+            cfg_scale = cfg_scale, seed = seed, show_progress = show_progress, stop_after_modality = stop_after_modality,
         )
 
     @typechecked
