@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_digits  # noqa: E402
-from common import Distributed, set_threads, setup_distributed, teardown_distributed, write_json  # noqa: E402
+from common import Distributed, launch, write_json  # noqa: E402
 
 VARIANTS = {
     'bidirectional, noise limit (default)': [],
@@ -55,8 +55,8 @@ def parse_args(argv = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_variants(args: argparse.Namespace, env: Distributed) -> list[dict]:
-    """Every variant for every seed; each run uses all workers. Metrics on rank 0 only."""
+def run_variants(args: argparse.Namespace, env: Distributed) -> list[dict] | None:
+    """Every variant for every seed; each run uses all workers. The runs on rank 0, else None."""
     runs = []
     for name, flags in VARIANTS.items():
         for seed in args.seeds:
@@ -68,7 +68,7 @@ def run_variants(args: argparse.Namespace, env: Distributed) -> list[dict]:
                 print(f'== {name}, seed {seed}: train_digits.py {" ".join(argv)}', flush = True)
             metrics = train_digits.run(train_digits.parse_args(argv), env)
             runs.append(dict(variant = name, seed = seed, flags = flags, metrics = metrics))
-    return runs
+    return runs if env.is_main else None
 
 
 def cell(values: list[float], key: str, fmt: str) -> str:
@@ -99,13 +99,8 @@ def markdown_table(runs: list[dict]) -> str:
 
 def main(argv = None) -> None:
     args = parse_args(argv)
-    set_threads(args.threads)
-    env = setup_distributed()
-    try:
-        runs = run_variants(args, env)
-    finally:
-        teardown_distributed(env)
-    if not env.is_main:
+    runs = launch(args, run_variants)
+    if runs is None:
         return
     args.output.mkdir(parents = True, exist_ok = True)
     write_json(runs, args.output / 'ablation.json')

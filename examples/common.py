@@ -157,3 +157,14 @@ def set_threads(threads: int | None) -> None:
         threads = 1
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def launch(args, run):
+    """Call run(args, env) inside a process group when launched by torchrun (plain otherwise),
+    with args.threads torch threads; returns run's result (None on ranks other than 0)."""
+    set_threads(args.threads)
+    env = setup_distributed()
+    try:
+        return run(args, env)
+    finally:
+        teardown_distributed(env)

@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
-from common import (Distributed, default_device, plot_loss_curve, save_checkpoint, set_threads,  # noqa: E402
-                    setup_distributed, teardown_distributed, train, write_json)
+from common import (Distributed, default_device, launch, plot_loss_curve, save_checkpoint,  # noqa: E402
+                    train, write_json)
 from digits_data import Batches, load_splits, to_latents  # noqa: E402
 from digits_eval import (caption, fit_judge, frechet_distance_pca, generate_by_label,  # noqa: E402
                          held_out_losses, judge_accuracy, save_grid)
@@ -168,12 +168,7 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
 
 def main(argv = None) -> None:
     args = parse_args(argv)
-    set_threads(args.threads)
-    env = setup_distributed()
-    try:
-        metrics = run(args, env)
-    finally:
-        teardown_distributed(env)
+    metrics = launch(args, run)
     if metrics is not None:
         print(f"label accuracy {metrics['label_accuracy']:.3f} (classifier on real held-out digits "
               f"{metrics['classifier_test_accuracy']:.3f}), caption accuracy {metrics['caption_accuracy']:.3f}, "

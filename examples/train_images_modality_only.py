@@ -37,8 +37,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
-from common import (Distributed, default_device, plot_loss_curve, set_threads, setup_distributed,  # noqa: E402
-                    teardown_distributed, train, write_json)
+from common import Distributed, default_device, launch, plot_loss_curve, train, write_json  # noqa: E402
 from transfusion_pytorch import Transfusion  # noqa: E402
 
 SMOKE = dict(steps = 30, batch_size = 16, dim = 32, depth = 1, heads = 2, samples = 48, modality_steps = 2, warmup = 5,
@@ -274,12 +273,7 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
 
 def main(argv = None) -> None:
     args = parse_args(argv)
-    set_threads(args.threads)
-    env = setup_distributed()
-    try:
-        metrics = run(args, env)
-    finally:
-        teardown_distributed(env)
+    metrics = launch(args, run)
     if metrics is not None:
         print(f"held-out flow loss {metrics['flow_loss_heldout']:.4f} (untrained {metrics['flow_loss_heldout_untrained']:.4f}); "
               f"Fréchet PCA distance {metrics['frechet_pca_generated']:.2f} (untrained {metrics['frechet_pca_untrained']:.2f}, "

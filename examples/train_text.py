@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
-from common import (Distributed, default_device, plot_loss_curve, save_checkpoint, set_threads,  # noqa: E402
-                    setup_distributed, teardown_distributed, train, write_json)
+from common import (Distributed, default_device, launch, plot_loss_curve, save_checkpoint,  # noqa: E402
+                    train, write_json)
 from transfusion_pytorch import Transfusion  # noqa: E402
 
 VOCAB = 128
@@ -195,12 +195,7 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
 
 def main(argv = None) -> None:
     args = parse_args(argv)
-    set_threads(args.threads)
-    env = setup_distributed()
-    try:
-        metrics = run(args, env)
-    finally:
-        teardown_distributed(env)
+    metrics = launch(args, run)
     if metrics is not None:
         print(f"held-out bits per character {metrics['bits_per_char']:.3f} (unigram baseline "
               f"{metrics['unigram_bits_per_char']:.3f}), training {metrics['training_seconds']:.0f} s "
