@@ -29,9 +29,7 @@ import hashlib
 import json
 import os
 import pickle
-import random
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +40,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TransfusionConfig
+from .rng import rng_state, set_rng_state
 from .version import __version__
 
 FORMAT_VERSION = 1
@@ -328,31 +327,6 @@ def make_ema(model: nn.Module, decay: float = 0.999) -> AveragedModel:
     after every optimizer step (the first call copies). Sample with `ema.module`; save it with
     `save_pretrained(ema, directory)`. Pass the unwrapped model, not the DDP wrapper."""
     return AveragedModel(_unwrap(model), multi_avg_fn = get_ema_multi_avg_fn(decay))
-
-
-def rng_state() -> dict:
-    """This process's RNG states: torch (CPU and initialised CUDA devices), Python's `random`,
-    and NumPy's global generator when NumPy is imported, as tensors and plain containers."""
-    state = {'torch': torch.get_rng_state(), 'python': random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    numpy = sys.modules.get('numpy')
-    if numpy is not None:
-        name, keys, position, has_gauss, cached = numpy.random.get_state(legacy = True)
-        state['numpy'] = (name, torch.from_numpy(keys.astype('int64')), position, has_gauss, cached)
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` returned."""
-    torch.set_rng_state(state['torch'].cpu())
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
-    numpy = sys.modules.get('numpy')
-    if 'numpy' in state and numpy is not None:
-        name, keys, position, has_gauss, cached = state['numpy']
-        numpy.random.set_state((name, keys.cpu().numpy().astype('uint32'), position, has_gauss, cached))
 
 
 @dataclass
