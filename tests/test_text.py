@@ -127,13 +127,12 @@ def test_compiled_decode_step_equals_eager_and_is_reused():
 
 
 def test_in_graph_sampler_keeps_min_p_and_matches_the_distribution():
-    from transfusion_pytorch.text_generation import sample_tokens
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 2
     keep = min_p_keep(logits, 0.05)[0]
-    draws = torch.stack([sample_tokens(logits.expand(500, -1), temperature = 1.3, min_p = 0.05) for _ in range(20)]).flatten()
+    draws = torch.stack([choose_tokens(logits.expand(500, -1), temperature = 1.3, min_p = 0.05) for _ in range(20)]).flatten()
     assert keep[draws].all()
     expected = (logits[0] / 1.3).masked_fill(~keep, float('-inf')).softmax(-1)
     observed = torch.bincount(draws, minlength = 12).float() / draws.numel()
     assert (observed - expected).abs().max() < 0.02, (observed, expected)
-    assert torch.equal(sample_tokens(logits, temperature = 0.), logits.argmax(-1))
+    assert torch.equal(choose_tokens(logits, temperature = 0.), logits.argmax(-1))

@@ -33,11 +33,13 @@ def choose_tokens(
     allowed: Tensor | None = None,
     generators: list[torch.Generator | None] | None = None,
 ) -> Tensor:
-    """Int['b'] tokens from Float['b v'] logits.
+    """Int['b'] tokens from Float['b v'] logits, drawn by Gumbel-max (argmax of logits /
+    temperature plus Gumbel noise): no host round trip, so it also runs inside a compiled or
+    CUDA-graphed decode step.
 
     allowed: Bool['b v'] or Bool['v'], tokens that may be chosen at all (grammar constraints).
     generators: one torch.Generator (or None) per row, so a row's draws do not depend on the
-        other rows in the batch; None uses the global generator for all rows.
+        other rows in the batch; None draws from the global generator.
     """
     logits = logits.float()
     if allowed is not None:
@@ -46,23 +48,12 @@ def choose_tokens(
         return logits.argmax(dim = -1)
     if min_p > 0:
         logits = logits.masked_fill(~min_p_keep(logits, min_p), float('-inf'))
-    probs = (logits / temperature).softmax(dim = -1)
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(row[None], 1, generator = g).squeeze(-1) for row, g in zip(probs, generators)])
-
-
-def sample_tokens(logits: Tensor, temperature: float = 1., min_p: float = 0.1) -> Tensor:
-    """Int['b'] tokens from Float['b v'] logits, the distribution of `choose_tokens`, drawn by
-    Gumbel-max from torch.rand: no host round trip, so it can live inside a compiled or
-    CUDA-graphed decode step."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim = -1)
-    if min_p > 0:
-        logits = logits.masked_fill(~min_p_keep(logits, min_p), float('-inf'))
-    uniform = torch.rand_like(logits).clamp(min = 1e-20)
-    return (logits / temperature - (-uniform.log()).log()).argmax(dim = -1)
+        uniform = torch.rand_like(logits)
+    else:
+        uniform = torch.stack([torch.rand(logits.shape[-1], generator = g, device = logits.device) for g in generators])
+    gumbel = -(-uniform.clamp(min = 1e-20).log()).log()
+    return (logits / temperature + gumbel).argmax(dim = -1)
 
 
 class TextDecoder:
@@ -90,7 +81,7 @@ class TextDecoder:
     def _step(self, temperature: float, min_p: float) -> Tensor:
         """Feed the last token at the current position, advance both; returns the new token
         Int['b 1'] (the last_token buffer itself: copy it before the next step)."""
-        token = sample_tokens(self._logits(self.last_token, self.position), temperature, min_p)
+        token = choose_tokens(self._logits(self.last_token, self.position), temperature, min_p)
         self.last_token.copy_(token[:, None])
         self.position.add_(1)
         return self.last_token
@@ -112,7 +103,7 @@ class TextDecoder:
         """Encode Int['b p'] prompts (eagerly: prompt lengths vary), choose the first new token
         Int['b 1'] and set the buffers for the steps that follow."""
         logits = self._logits(prompt, torch.arange(prompt.shape[1], device = prompt.device))
-        self.last_token.copy_(sample_tokens(logits, temperature, min_p)[:, None])
+        self.last_token.copy_(choose_tokens(logits, temperature, min_p)[:, None])
         self.position.fill_(prompt.shape[1])
         return self.last_token
 
@@ -156,7 +147,7 @@ def generate_text_only(
     out[:, :p] = prompt
     if not cache_kv:
         for index in range(p, seq_len):
-            out[:, index] = sample_tokens(model.text_logits(out[:, :index])[:, -1, :text_count], temperature, min_p)
+            out[:, index] = choose_tokens(model.text_logits(out[:, :index])[:, -1, :text_count], temperature, min_p)
         return out[:, p:]
     decoder = text_decoder(model, b, seq_len, compile_step)
     out[:, p:p + 1] = decoder.prefill(prompt, temperature, min_p)
