@@ -207,7 +207,8 @@ def main():
         print(f"\nWARNING gen_modality does unequal work: NFE ours {nfes['ours']['nfe']} vs peer "
               f"{nfes['peer']['nfe']}; set MODALITY_STEPS in benchmarks/workloads.py so they match.")
     print('\nspeedup: ours over peer (> 1 = ours faster); FLOP/tok: forward+backward of one training '
-          'step (FlopCounterMode, attention counted dense); MFU: FLOP/tok x tok/s / matmul peak; '
+          'step (FlopCounterMode, attention counted dense), for gen_modality the forward FLOPs of one '
+          'whole call per latent token; MFU: FLOP/tok x tok/s / matmul peak; '
           'mem: ' + ('CUDA max allocated' if args.size == 'gpu' else 'CPU RSS high-water growth') + '.')
     save()
 

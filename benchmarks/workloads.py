@@ -18,7 +18,8 @@ Workloads (each is a function `(model, cfg) -> Task`; `Task.step` is what gets t
     gen_modality    `generate_modality_only(batch_size = 1, modality_type = 0,
                     fixed_modality_shape = (n,), modality_steps = 16)`: seconds per sample, and
                     the network function evaluations (NFE) counted with a forward pre-hook on
-                    `model.transformer` during one extra, untimed call.
+                    `model.transformer` during one extra, untimed call, and the forward FLOPs
+                    of that call per latent token.
     matmul_peak     the card's matmul peak (bf16 8192^3 on CUDA, fp32 2048^3 on CPU), for MFU.
 
 Timing: `warmup` untimed calls (compilation, autotuning, the peer's strategy router), then
@@ -289,21 +290,23 @@ def gen_modality(model, cfg) -> Task:
     return Task(step, 1, 'sample', info=dict(latent_tokens=n, modality_steps=steps))
 
 
-def count_nfe(model, task: Task, side: str) -> int | None:
-    """Network evaluations in one call of `task.step`: a forward pre-hook on the network."""
+def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float]:
+    """Network evaluations in one call of `task.step` (a forward pre-hook on the network) and
+    the FLOPs that call does (FlopCounterMode; compiled code forced eager, no CUDA graphs)."""
+    from torch.utils.flop_counter import FlopCounterMode
     net = model
     for name in NFE_MODULE_ATTR[side].split('.'):
         net = getattr(net, name, None)
-    if net is None:
-        return None
     calls = []
-    handle = net.register_forward_pre_hook(lambda *_: calls.append(1))
+    handle = net.register_forward_pre_hook(lambda *_: calls.append(1)) if net is not None else None
+    counter = FlopCounterMode(display=False)
     try:
-        with force_eager():
+        with force_eager(), counter:
             task.step()
     finally:
-        handle.remove()
-    return len(calls)
+        if handle is not None:
+            handle.remove()
+    return (len(calls) if net is not None else None), counter.get_total_flops()
 
 
 def count_flops_per_token(task: Task) -> float | None:
@@ -392,8 +395,9 @@ def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | No
 
     if torch.is_tensor(out):
         result['output_shape'] = list(out.shape)
-    if name == 'gen_modality':
-        result['nfe'] = count_nfe(model, task, side)
+    if name == 'gen_modality':   # FLOP/tok here: forward FLOPs of one whole call per latent token
+        result['nfe'], flops = count_nfe_and_flops(model, task, side)
+        result['flops_per_token'] = flops / cfg['modality_len']
     if flops and task.flop_step is not None:
         try:
             result['flops_per_token'] = count_flops_per_token(task)

@@ -179,9 +179,11 @@ def test_a_block_compiles_as_one_graph(options):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_compile_blocks_option_trains_with_fullgraph_blocks(monkeypatch):
-    """Through the real compile_blocks path, with torch.compile forced to fullgraph=True: the
-    training step compiles every block and gives the eager gradients."""
+@pytest.mark.parametrize('stack', [False, True], ids = ['per_block', 'whole_stack'])
+def test_compile_blocks_option_trains_with_fullgraph_blocks(monkeypatch, stack):
+    """Through the real compile_blocks path (each block, or with compile_stack the whole stack
+    as one region), with torch.compile forced to fullgraph=True: the training step compiles
+    without a graph break and gives the eager gradients."""
     original, compiled = torch.compile, []
 
     def fullgraph_compile(module, **kwargs):
@@ -190,12 +192,12 @@ def test_compile_blocks_option_trains_with_fullgraph_blocks(monkeypatch):
 
     monkeypatch.setattr(torch, 'compile', fullgraph_compile)
     torch._dynamo.reset()
-    eager, fast = small_model(), small_model(compile_blocks = True)
+    eager, fast = small_model(), small_model(compile_blocks = True, compile_stack = stack)
     fast.load_state_dict(eager.state_dict())
     batch, times, noise = rank_input(0, 'full')
     for model in (eager, fast):
         model(batch, times = times, noise = noise).backward()
-    assert compiled == list(fast.transformer.blocks)
+    assert compiled == ([fast.transformer._run_stack] if stack else list(fast.transformer.blocks))
     for (name, a), b in zip(eager.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol = 1e-6, rtol = 1e-5, msg = lambda m: f'{name}: {m}')
 

@@ -5,8 +5,8 @@ the sampler's state machine (sampling.py) is shared and the two are tested equal
 
 - prefill(row, items): encode a prompt; the logits after it;
 - feed(rows, tokens): append one discrete token per row; the logits after it;
-- velocity(rows, modality, x, t, cfg_scale): the flow field for the current modality instance of
-  each row, whose begin and shape tokens are already in the sequence;
+- velocity_field(rows, modality, shape, cfg_scale): the flow field f(t, x) for the current
+  modality instance of each row, whose begin and shape tokens are already in the sequence;
 - commit(rows, modality, x1): append the finished instance as clean data (t = 1) and its end
   token; the logits after the end token.
 
@@ -18,13 +18,17 @@ Glossary: b rows, n instance tokens, c dim_latent, d model dim, v vocabulary, s 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .batch import ModalityItem, TextItem, pack
+from .experts import Routing
+from .graphs import GraphedFunction
 from .kv_cache import KVCache
-from .masks import prefix_mask
+from .masks import AttentionMask, prefix_mask
 from .token_layout import step_alibi, step_positions, step_routing
 
 
@@ -33,42 +37,64 @@ def check_prompt_fits(row: int, length: int, max_length: int) -> None:
         raise ValueError(f'sample {row}: the prompt takes {length} tokens, which leaves no room under max_length={max_length}')
 
 
+@dataclass
+class StepContext:
+    """What a cached step needs besides the new tokens' values, built before the step so that
+    repeated steps (the ODE evaluations of one instance) build it once and a CUDA graph of the
+    step reads it at fixed addresses."""
+    positions: Tensor                    # Int['b q'] (or Int['b q k'] axial) rotary positions
+    mask: AttentionMask
+    routing: Routing | None
+    cache: KVCache                       # the runner's cache, or a copy of the rows taking part
+    views: list                          # per layer (keys, values, write slots Int['b q'])
+    token_instance: Tensor | None        # Int['b q'] adaptive-conditioning instance per token (-1: none)
+    subset: Tensor | None                # Int['b'] rows of the runner's cache when `cache` is a copy
+
+
 class CachedRunner:
-    def __init__(self, model, batch: int, slots: int):
+    def __init__(self, model, batch: int, slots: int, cuda_graphs: bool = True):
         self.model = model
         self.cache = KVCache.for_model(model, batch, slots)
         self.lengths = [0] * batch
+        self.cuda_graphs = cuda_graphs
 
-    def _starts(self, rows: list[int]) -> Tensor:
-        return torch.tensor([self.lengths[r] for r in rows], dtype = torch.long, device = self.model.device)
-
-    def _forward(self, rows: list[int], x: Tensor, span: int, modality: int | None = None, shape: tuple[int, ...] | None = None,
-                 isolated: Tensor | None = None, time_embedding: Tensor | None = None, persist: bool = True) -> Tensor:
-        """Run Float['b q d'] new tokens of `rows` at their next slots; returns Float['b q d'].
-        With `shape`, the first prod(shape) tokens are the latents of one instance of `modality`."""
-        model, (b, q) = self.model, x.shape[:2]
+    def _context(self, rows: list[int], q: int, span: int, modality: int | None = None,
+                 shape: tuple[int, ...] | None = None, isolated: Tensor | None = None) -> StepContext:
+        """Context for q new tokens of each of `rows` at their next slots. With `shape`, the first
+        prod(shape) tokens are the latents of one instance of `modality`; `span` of the new tokens
+        see each other (bidirectional); `isolated` rows see only their new tokens."""
+        model, device, b = self.model, self.model.device, len(rows)
         latents = math.prod(shape) if shape is not None else 0
-        starts = self._starts(rows)
-        slots = starts[:, None] + torch.arange(q, device = x.device)
-        positions = step_positions(model.config, starts, q, shape)
+        starts = torch.tensor([self.lengths[r] for r in rows], dtype = torch.long, device = device)
+        slots = starts[:, None] + torch.arange(q, device = device)
         alibi = step_alibi(model, shape) if shape is not None else None
         mask = prefix_mask(starts, q, self.cache.slots, bidirectional_span = span, isolated = isolated, instance_bias = alibi)
+        token_instance = None
+        if model.modalities.adaptive is not None and latents:
+            token_instance = torch.arange(b, device = device)[:, None].expand(-1, q)
+            token_instance = torch.where(torch.arange(q, device = device) < latents, token_instance, -1)   # text-like: none
+        subset = None if rows == list(range(self.cache.batch)) else torch.tensor(rows, device = device)
+        cache = self.cache if subset is None else self.cache.rows(subset)
+        return StepContext(step_positions(model.config, starts, q, shape), mask, step_routing(model.config, modality, b, q, latents, device),
+                           cache, cache.layer_views(slots), token_instance, subset)
+
+    def _run(self, context: StepContext, x: Tensor, time_embedding: Tensor | None = None) -> Tensor:
+        """Float['b q d'] new tokens through the transformer over the cache; returns Float['b q d']."""
+        model = self.model
         modulations = None
-        if model.modalities.adaptive is not None and time_embedding is not None:
-            token_instance = torch.arange(b, device = x.device)[:, None].expand(-1, q)
-            token_instance = torch.where(torch.arange(q, device = x.device) < latents, token_instance, -1)   # text-like: none
-            modulations = model.modalities.adaptive.per_block(time_embedding, token_instance)
-        routing = step_routing(model.config, modality, b, q, latents, x.device)
-        everyone = rows == list(range(self.cache.batch))
-        cache = self.cache if everyone else self.cache.rows(torch.tensor(rows, device = x.device))
-        # compiled blocks (when on) measured faster on CPU (0.155 -> 0.129 s per 64-token modality,
-        # 2 cores) but slower on an H200 (0.404 -> 0.475 s per 256-token modality,
-        # benchmarks/results/h200_profile.log), where the cost is kernel launches, not arithmetic
+        if context.token_instance is not None and time_embedding is not None:
+            modulations = model.modalities.adaptive.per_block(time_embedding, context.token_instance)
+        # compiled blocks measured faster on CPU (0.155 -> 0.129 s per 64-token modality, 2 cores)
+        # but slower on an H200 (0.404 -> 0.475 s per 256-token modality,
+        # benchmarks/results/h200_profile.log): there the cost is kernel launches, which the
+        # ODE evaluation's CUDA graph removes instead
         compiled = x.device.type == 'cpu'
-        hidden = model.transformer(x, positions, mask, modulations, cache = cache.layer_views(slots), compiled = compiled, routing = routing)
-        if persist and not everyone:
-            self.cache.copy_rows_(cache, torch.tensor(rows, device = x.device))
-        return hidden
+        return model.transformer(x, context.positions, context.mask, modulations, cache = context.views,
+                                 compiled = compiled, routing = context.routing)
+
+    def _persist(self, context: StepContext) -> None:
+        if context.subset is not None:
+            self.cache.copy_rows_(context.cache, context.subset)
 
     def prefill(self, row: int, items: list) -> tuple[Tensor, int]:
         model = self.model
@@ -85,7 +111,9 @@ class CachedRunner:
     def feed(self, rows: list[int], tokens: list[int]) -> Tensor:
         model = self.model
         ids = torch.tensor(tokens, dtype = torch.long, device = model.device)[:, None]
-        hidden = self._forward(rows, model.token_embedding(ids), span = 0)
+        context = self._context(rows, 1, span = 0)
+        hidden = self._run(context, model.token_embedding(ids))
+        self._persist(context)
         for r in rows:
             self.lengths[r] += 1
         return model.to_logits(hidden[:, -1])
@@ -97,22 +125,31 @@ class CachedRunner:
         tokens = modalities.embed(modality, x.to(time_embedding.dtype), shape, time_embedding[:, None])
         return tokens.to(self.model.token_embedding.weight.dtype), time_embedding
 
-    def velocity(self, rows: list[int], modality: int, shape: tuple[int, ...], x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
-        """The field at x Float['b L c'] (instances of `shape`, full resolution) and time t."""
-        model, b = self.model, x.shape[0]
+    def velocity_field(self, rows: list[int], modality: int, shape: tuple[int, ...], cfg_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+        """The flow field f(t, x) for instances x Float['b L c'] of `shape` (full resolution) of
+        `rows`, at time t Float['']. Everything but x and t is prepared here, once per instance;
+        on a GPU each evaluation after the first replays one CUDA graph."""
+        model, b = self.model, len(rows)
         token_shape = model.config.modalities[modality].token_shape(shape)
         n = math.prod(token_shape)
         span = 0 if model.config.causal_modality_attention else n
         guided = cfg_scale != 1
-        all_rows, x_all = (rows + rows, torch.cat((x, x))) if guided else (rows, x)
-        isolated = torch.arange(len(all_rows), device = x.device) >= b if guided else None
-        tokens, time_embedding = self._instance_tokens(modality, x_all, shape, t.reshape(1).expand(len(all_rows)))
-        hidden = self._forward(all_rows, tokens, span, modality, token_shape, isolated, time_embedding, persist = False)
-        velocity = model.modalities.velocity(modality, hidden, x_all.to(hidden.dtype), shape).to(x.dtype)   # the ODE state's dtype
-        if not guided:
-            return velocity
-        conditional, unconditional = velocity.chunk(2)
-        return unconditional + cfg_scale * (conditional - unconditional)
+        all_rows = rows + rows if guided else rows
+        isolated = torch.arange(len(all_rows), device = model.device) >= b if guided else None
+        context = self._context(all_rows, n, span, modality, token_shape, isolated)
+
+        def evaluate(x: Tensor, t: Tensor) -> Tensor:
+            x_all = torch.cat((x, x)) if guided else x
+            tokens, time_embedding = self._instance_tokens(modality, x_all, shape, t.reshape(1).expand(len(all_rows)))
+            hidden = self._run(context, tokens, time_embedding)
+            velocity = model.modalities.velocity(modality, hidden, x_all.to(hidden.dtype), shape).to(x.dtype)   # the ODE state's dtype
+            if not guided:
+                return velocity
+            conditional, unconditional = velocity.chunk(2)
+            return unconditional + cfg_scale * (conditional - unconditional)
+
+        graphed = GraphedFunction(evaluate, enabled = self.cuda_graphs)
+        return lambda t, x: graphed(x, t)
 
     def commit(self, rows: list[int], modality: int, shape: tuple[int, ...], x1: Tensor) -> Tensor:
         model, b = self.model, x1.shape[0]
@@ -121,7 +158,9 @@ class CachedRunner:
         tokens, time_embedding = self._instance_tokens(modality, x1, shape, torch.ones(b, device = x1.device))
         end = model.token_embedding(torch.full((b, 1), model.vocab.end[modality], device = x1.device))
         span = 0 if model.config.causal_modality_attention else n
-        hidden = self._forward(rows, torch.cat((tokens, end), dim = 1), span, modality, token_shape, None, time_embedding)
+        context = self._context(rows, n + 1, span, modality, token_shape)
+        hidden = self._run(context, torch.cat((tokens, end), dim = 1), time_embedding)
+        self._persist(context)
         for r in rows:
             self.lengths[r] += n + 1
         return model.to_logits(hidden[:, -1])
@@ -178,7 +217,10 @@ class UncachedRunner:
             self._append_tokens(r, [token])
         return self._last_logits(rows)
 
-    def velocity(self, rows: list[int], modality: int, shape: tuple[int, ...], x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
+    def velocity_field(self, rows: list[int], modality: int, shape: tuple[int, ...], cfg_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda t, x: self._velocity(rows, modality, shape, x, t, cfg_scale)
+
+    def _velocity(self, rows: list[int], modality: int, shape: tuple[int, ...], x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:
         model = self.model
         guided = cfg_scale != 1
         sequences = [self.sequences[r] + [ModalityItem(modality, x_row.reshape(*shape, -1), wrapped = False)] for r, x_row in zip(rows, x)]

@@ -42,6 +42,7 @@ class SamplingOptions:
     cache_kv: bool = True
     fixed_modality_shape: dict[int, tuple[int, ...]] = field(default_factory = dict)
     show_progress: bool = True
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -65,8 +66,10 @@ class Sampler:
         self.model = model
         self.vocab = model.vocab
         self.options = options
-        runner_type = CachedRunner if options.cache_kv else UncachedRunner
-        self.runner = runner_type(model, batch, options.max_length)
+        if options.cache_kv:
+            self.runner = CachedRunner(model, batch, options.max_length, cuda_graphs = options.cuda_graphs)
+        else:
+            self.runner = UncachedRunner(model, batch, options.max_length)
 
     # what a modality needs
 
@@ -200,8 +203,8 @@ class Sampler:
             torch.randn((count, spec.dim_latent), generator = r.generator, device = model.device) for r in rows
         ])
         indices = [r.index for r in rows]
-        field_fn = lambda t, x: self.runner.velocity(indices, modality, shape, x, t, options.cfg_scale)
-        x1 = flow.integrate(field_fn, noise, options.modality_steps, options.ode_method)
+        field = self.runner.velocity_field(indices, modality, shape, options.cfg_scale)
+        x1 = flow.integrate(field, noise, options.modality_steps, options.ode_method)
         latents = torch.stack([model.to_user_layout(modality, x.reshape(*shape, -1)) for x in x1])
         decoded = model.modalities.decode(modality, latents)
         continuing = [r for r in rows if not r.stop_after_modality]

@@ -124,9 +124,10 @@ class Transformer(nn.Module):
         self.skip_merges = nn.ModuleList([SkipMerge(config.dim) for _ in range(config.depth // 2)]) if config.unet_skips else None
         self.final_norm = RMSNorm(config.dim)
         self._compiled_blocks = None
+        self._compiled_stack = None
 
     def _block_callables(self, compiled: bool) -> list:
-        if not (compiled and self.config.compile_blocks):
+        if not compiled:
             return list(self.blocks)
         if self._compiled_blocks is None:
             self._compiled_blocks = [torch.compile(block) for block in self.blocks]
@@ -145,12 +146,22 @@ class Transformer(nn.Module):
     ) -> Float[Tensor, 'b n d']:
         """x: Float['b n d'] embeddings; positions: Int['b n'] or Int['1 n'] rotary positions.
         modulations: one per block, or None. cache: per block (keys, values, write_positions)
-        of a static KV cache, or None. compiled: use the compiled blocks when compile_blocks is
-        on (prompt prefills pass False: their many distinct lengths would each recompile).
-        routing: the expert of each token when the config has several experts (None: expert 0).
-        Returns Float['b n d'] after the final norm."""
+        of a static KV cache, or None. compiled: use the compiled blocks (or stack) when
+        compile_blocks is on (prompt prefills pass False: their many distinct lengths would
+        each recompile). routing: the expert of each token when the config has several
+        experts (None: expert 0). Returns Float['b n d'] after the final norm."""
+        compiled = compiled and self.config.compile_blocks
+        if compiled and self.config.compile_stack:
+            if self._compiled_stack is None:
+                self._compiled_stack = torch.compile(self._run_stack)
+            return self._compiled_stack(x, positions, mask, modulations, cache, routing, compiled_blocks = False)
+        return self._run_stack(x, positions, mask, modulations, cache, routing, compiled_blocks = compiled)
+
+    def _run_stack(self, x: Tensor, positions: Tensor, mask: AttentionMask, modulations: list[Modulation] | None,
+                   cache: list | None, routing: Routing | None, compiled_blocks: bool) -> Tensor:
+        """The blocks and the final norm; what compile_stack compiles as one region."""
         rotary = self.rotary(positions)
-        blocks = self._block_callables(compiled)
+        blocks = self._block_callables(compiled_blocks)
         first_values, skips = None, []
         use_checkpoint = self.config.checkpoint_activations and self.training and torch.is_grad_enabled()
         for index, block in enumerate(blocks):
