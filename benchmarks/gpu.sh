@@ -6,6 +6,10 @@
 # Then, with the `run` tool, carrying the wheels:
 #     run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=420)
 # Extra arguments go to run.py, e.g.  bash benchmarks/gpu.sh --workloads gen_text gen_modality
+# except two of its own: --with-tests runs the CUDA-only tests first (GPU_TESTS_FILTER, a
+# pytest -k expression, picks some; GPU_TESTS_BUDGET seconds), --with-profile runs
+# benchmarks/gpu_profile.py after the benchmark (PROFILE_BUDGET seconds). One call for all:
+#     run(command="bash benchmarks/gpu.sh --with-tests --with-profile", carry=[".whl"], timeout_s=590)
 #
 # What it does:
 #   1. installs the peer (transfusion-pytorch==0.20.0) and its missing dependencies from .whl
@@ -22,6 +26,15 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONUNBUFFERED=1
+TESTS=0; PROFILE=0; ARGS=()
+for arg in "$@"; do
+    case "$arg" in
+        --with-tests) TESTS=1 ;;
+        --with-profile) PROFILE=1 ;;
+        *) ARGS+=("$arg") ;;
+    esac
+done
 OUT="${OUT:-/tmp/bench_out}"
 mkdir -p "$OUT"
 BUDGET="${BENCH_BUDGET:-330}"
@@ -39,6 +52,11 @@ if ! $PY -c "import beartype" 2>/dev/null; then
     OURS_PATH="$PWD:/tmp/ours_site"
 fi
 
+if [ "$TESTS" = 1 ]; then
+    PYTHONPATH="$OURS_PATH" timeout "${GPU_TESTS_BUDGET:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        ${GPU_TESTS_FILTER:+-k "$GPU_TESTS_FILTER"} 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" || true
+fi
+
 {
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
     $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || true
@@ -48,5 +66,10 @@ fi
         --ours-python "$PY" --ours-pythonpath "$OURS_PATH" \
         --peer-python "$PY" --peer-pythonpath /tmp/peer_site \
         --repeats 5 --rounds 1 --timeout 200 --budget "$BUDGET" \
-        --json "$OUT/bench_gpu.json" "$@"
+        --json "$OUT/bench_gpu.json" ${ARGS[@]+"${ARGS[@]}"}
 } 2>&1 | tee "$OUT/bench_gpu.log"
+
+if [ "$PROFILE" = 1 ]; then
+    PYTHONPATH="$OURS_PATH" timeout "${PROFILE_BUDGET:-150}" $PY benchmarks/gpu_profile.py 2>&1 \
+        | grep -v -i "warn" | tee "$OUT/gpu_profile.log" || true
+fi

@@ -1,10 +1,16 @@
-"""Where the time goes on a GPU: a profiled mixed training step (eager blocks, so no compile
-wait) and modality generation with compiled blocks. Prints the top CUDA kernels and the
-step/generation times; a short diagnostic for a lent GPU machine, not a benchmark.
+"""Where the time goes on a GPU, for a lent machine (a diagnostic, not the benchmark):
 
-    python benchmarks/gpu_profile.py
+1. modality generation (256 latent tokens, 15 midpoint steps = 30 evaluations) with each
+   evaluation replayed from a CUDA graph, and eagerly: time, and the largest difference between
+   the two outputs for the same seed;
+2. one mixed training step with compiled blocks: median time, device time (sum of the kernels
+   the profiler saw), the host syncs it makes (CUDA sync debug mode), the top host and device ops;
+3. the same step with the whole stack compiled as one region (transformer.compile_stack).
+
+    python benchmarks/gpu_profile.py            # about 1-3 minutes, most of it compilation
 """
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,8 +40,24 @@ def timed(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def profile_mixed_step():
-    model = Transfusion(**SHAPE, transformer = TRANSFORMER).cuda()
+def modality_generation():
+    model = Transfusion(**SHAPE, transformer = TRANSFORMER).cuda().eval()
+    outputs = {}
+    for graphs in (True, False):
+        run = lambda: model.generate_modality_only(1, 0, (256,), modality_steps = 15, seed = 0, cuda_graphs = graphs)
+        with torch.autocast('cuda', dtype = torch.bfloat16):
+            start = time.perf_counter()
+            outputs[graphs] = run()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            print(f'modality generation, cuda_graphs={graphs}: first call {first:.2f} s, then {timed(run, 5):.4f} s '
+                  f'(256 tokens, 30 evaluations)', flush = True)
+    difference = (outputs[True].float() - outputs[False].float()).abs().max().item()
+    print(f'modality generation: max |graphed - eager| = {difference:.3g}', flush = True)
+
+
+def mixed_step(**transformer_options):
+    model = Transfusion(**SHAPE, transformer = dict(TRANSFORMER, **transformer_options)).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr = 1e-4, fused = True)
     batch = mixed_batch('cuda')
 
@@ -46,29 +68,37 @@ def profile_mixed_step():
         optimizer.step()
         optimizer.zero_grad(set_to_none = True)
 
+    start = time.perf_counter()
     for _ in range(3):
         step()
-    print(f'mixed step, eager blocks: {timed(step, 5) * 1e3:.1f} ms', flush = True)
+    torch.cuda.synchronize()
+    tokens = sum(x.shape[0] for sample in batch for x in sample)
+    median = timed(step, 7)
+    print(f'mixed step {transformer_options}: warm-up (compile) {time.perf_counter() - start:.1f} s, '
+          f'median {median * 1e3:.1f} ms = {tokens / median / 1e3:.1f}k tokens/s', flush = True)
+    return step
+
+
+def profile_step(step):
+    with warnings.catch_warnings(record = True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        step()
+        torch.cuda.set_sync_debug_mode('default')
+    syncs = [str(w.message).splitlines()[0] for w in caught if 'synchroniz' in str(w.message)]
+    print(f'host syncs in one step: {len(syncs)} {syncs[:3]}', flush = True)
     with profile(activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by = 'cuda_time_total', row_limit = 18, max_name_column_width = 60), flush = True)
-    print(prof.key_averages().table(sort_by = 'cpu_time_total', row_limit = 12, max_name_column_width = 60), flush = True)
-
-
-def time_modality_generation():
-    for compile_blocks in (False, True):
-        model = Transfusion(**SHAPE, transformer = dict(TRANSFORMER, compile_blocks = compile_blocks)).cuda().eval()
-        run = lambda: model.generate_modality_only(1, 0, (256,), modality_steps = 15)
-        with torch.autocast('cuda', dtype = torch.bfloat16):
-            start = time.perf_counter()
-            run()
-            print(f'modality generation, compile_blocks={compile_blocks}: first call {time.perf_counter() - start:.1f} s', flush = True)
-            run()
-            print(f'modality generation, compile_blocks={compile_blocks}: {timed(run, 5):.3f} s (256 tokens, 30 NFE)', flush = True)
+    averages = prof.key_averages()
+    device_ms = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    print(f'device time in one profiled step: {device_ms:.1f} ms (kernels, summed)', flush = True)
+    print(averages.table(sort_by = 'self_cuda_time_total', row_limit = 12, max_name_column_width = 60), flush = True)
+    print(averages.table(sort_by = 'self_cpu_time_total', row_limit = 15, max_name_column_width = 60), flush = True)
 
 
 if __name__ == '__main__':
     torch.manual_seed(0)
-    time_modality_generation()
-    profile_mixed_step()
+    modality_generation()
+    profile_step(mixed_step(compile_blocks = True))
+    mixed_step(compile_blocks = True, compile_stack = True)

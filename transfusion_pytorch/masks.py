@@ -160,28 +160,58 @@ class AttentionRule:
         return allowed
 
     def block_mask(self) -> BlockMask:
-        """The rule as a BlockMask, classified tile by tile (empty, partial, full) by evaluating
-        `allows` on chunks of query tiles: a few elementwise passes on the device, no compilation
-        and no per-batch recompilation (unlike create_block_mask on a new closure every batch)."""
-        n, device, tile = self.length, self.document.device, FLEX_BLOCK
-        tiles = -(-n // tile)
-        key = torch.arange(tiles * tile, device = device)
-        any_allowed, all_allowed = [], []
-        chunk = max(1, (1 << 24) // (tiles * tile * tile))          # ~16M mask entries at a time
-        for first in range(0, tiles, chunk):
-            query = torch.arange(first * tile, min(tiles, first + chunk) * tile, device = device)
-            inside = (query < n)[:, None] & (key < n)[None, :]
-            allowed = self.allows(query.clamp(max = n - 1)[:, None], key.clamp(max = n - 1)[None, :]) & inside
-            by_tile = lambda mask: rearrange(mask, '(qt qi) (kt ki) -> qt kt (qi ki)', qi = tile, ki = tile)
-            any_allowed.append(by_tile(allowed).any(dim = -1))
-            all_allowed.append(by_tile(allowed | ~inside).all(dim = -1))       # padding counts as allowed
-        any_allowed, all_allowed = torch.cat(any_allowed), torch.cat(all_allowed)
-        full = any_allowed & all_allowed
-        partial = any_allowed & ~all_allowed
+        """The rule as a BlockMask, classified tile by tile (empty, partial, full) from per-tile
+        summaries (document and instance ranges): O(tiles^2) work on the device, no compilation,
+        no per-batch recompilation (unlike create_block_mask on a new closure every batch) and no
+        O(n^2) pass over token pairs. See `_classify_tiles` for why the summaries suffice."""
+        partial, full = self._classify_tiles(FLEX_BLOCK)
         # whole tiles (the padded training path) need no explicit lengths, which older torch lacks
-        lengths = {} if n % tile == 0 else dict(seq_lengths = (n, n))
-        return BlockMask.from_kv_blocks(*_tile_lists(partial), *_tile_lists(full), BLOCK_SIZE = tile,
+        lengths = {} if self.length % FLEX_BLOCK == 0 else dict(seq_lengths = (self.length, self.length))
+        return BlockMask.from_kv_blocks(*_tile_lists(partial), *_tile_lists(full), BLOCK_SIZE = FLEX_BLOCK,
                                         mask_mod = self.mask_mod, **lengths)
+
+    def _classify_tiles(self, tile: int) -> tuple[Tensor, Tensor]:
+        """(partial, full): Bool['qt kt'] per pair of query and key tiles.
+
+        Each tile is summarised by the range of its document ids and of its instance ids. Two
+        tiles that share a document (or an instance) have overlapping ranges, so a pair is
+        - kept (partial or full) when it is on the diagonal (a token sees itself), or the key
+          tile comes first and the document ranges overlap, or (bidirectional) the instance
+          ranges overlap: every pair of tiles holding an allowed pair of tokens is kept;
+        - full only when one document spans both tiles and either the key tile comes first and
+          no query is isolated, or (bidirectional) one instance spans both tiles: every pair of
+          tokens is then allowed.
+        Where the ranges say more than the ids (isolated queries, ids out of order) a pair is
+        only kept as partial when it could be dropped or marked full: that costs speed, never
+        correctness, since flex applies the rule inside partial tiles. Packing numbers
+        documents and instances in order of position, so the ranges are tight. Tokens past the
+        end (n not a multiple of the tile) repeat the last token, which adds no id to its tile."""
+        n, device = self.length, self.document.device
+        tiles = -(-n // tile)
+        token = torch.arange(tiles * tile, device = device).clamp(max = n - 1)
+        by_tile = lambda values: rearrange(values[token], '(t i) -> t i', i = tile)
+        document = by_tile(torch.where(self.document >= 0, self.document, self.document.max() + 1))   # padding: a last document
+        instance = by_tile(self.instance)
+        latent = instance >= 0
+        big = torch.iinfo(instance.dtype).max
+        doc_low, doc_high = document.amin(dim = 1), document.amax(dim = 1)                           # (t,)
+        inst_low = torch.where(latent, instance, big).amin(dim = 1)
+        inst_high = torch.where(latent, instance, -1).amax(dim = 1)                                  # no latents: empty range
+        q, k = (lambda x: x[:, None]), (lambda x: x[None, :])
+        index = torch.arange(tiles, device = device)
+        diagonal, key_first = q(index) == k(index), k(index) < q(index)
+        share_document = (k(doc_low) <= q(doc_high)) & (q(doc_low) <= k(doc_high))
+        share_instance = (k(inst_low) <= q(inst_high)) & (q(inst_low) <= k(inst_high))
+        one_document = q(doc_low == doc_high) & k(doc_low == doc_high) & (q(doc_low) == k(doc_low))
+        one_instance = latent.all(dim = 1) & (inst_low == inst_high)
+        one_instance = q(one_instance) & k(one_instance) & (q(inst_low) == k(inst_low))
+        isolated = by_tile(self.isolated).any(dim = 1) if self.isolated is not None else torch.zeros_like(diagonal[0])
+        nonempty = diagonal | (key_first & share_document)
+        full = one_document & key_first & ~q(isolated)
+        if self.bidirectional_instances:
+            nonempty = nonempty | share_instance
+            full = full | one_instance
+        return nonempty & ~full, full
 
 
 def _tile_lists(flags: Tensor) -> tuple[Tensor, Tensor]:

@@ -248,7 +248,8 @@ class Transfusion(nn.Module):
             one image per text prompt), without encoding it for more text.
         cuda_graphs: on a GPU with cache_kv, capture each modality instance's ODE evaluation as a
             CUDA graph on its first evaluation and replay it for the rest (same result, far fewer
-            kernel launches); False runs every evaluation eagerly.
+            kernel launches; module hooks then run only while capturing); False runs every
+            evaluation eagerly.
         Returns, per prompt, a list of items: text as 1-D long tensors of text ids, modalities as
         (index, tensor) in the user's layout (decoded when there is a decoder), prompt included.
         """
