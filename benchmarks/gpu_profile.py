@@ -5,7 +5,10 @@
    the two outputs for the same seed;
 2. one mixed training step with compiled blocks: median time, device time (sum of the kernels
    the profiler saw), the host syncs it makes (CUDA sync debug mode), the top host and device ops;
-3. the same step with the whole stack compiled as one region (transformer.compile_stack).
+3. the same step with the whole stack compiled as one region (transformer.compile_stack);
+4. the feed-forward matmuls of the benchmark shape with the hidden width 2730 (int(1024 * 4 *
+   2 / 3), not a multiple of 8: the H100 profile showed sm80 cutlass kernels for them) against
+   2736, with and without bias: whether padding the width would pay.
 
     python benchmarks/gpu_profile.py            # about 1-3 minutes, most of it compilation
 """
@@ -97,8 +100,26 @@ def profile_step(step):
     print(averages.table(sort_by = 'self_cpu_time_total', row_limit = 15, max_name_column_width = 60), flush = True)
 
 
+def feed_forward_alignment(tokens: int = 6784, dim: int = 1024):
+    for hidden in (2730, 2736):
+        for bias in (True, False):
+            x = torch.randn(tokens, dim, device = 'cuda', dtype = torch.bfloat16)
+            w_in = torch.randn(2 * hidden, dim, device = 'cuda', dtype = torch.bfloat16)
+            w_out = torch.randn(dim, hidden, device = 'cuda', dtype = torch.bfloat16)
+            b_in = torch.randn(2 * hidden, device = 'cuda', dtype = torch.bfloat16) if bias else None
+            b_out = torch.randn(dim, device = 'cuda', dtype = torch.bfloat16) if bias else None
+            h = torch.randn(tokens, hidden, device = 'cuda', dtype = torch.bfloat16)
+            run = lambda: (torch.nn.functional.linear(x, w_in, b_in), torch.nn.functional.linear(h, w_out, b_out))
+            run()
+            seconds = timed(lambda: [run() for _ in range(10)], 5) / 10
+            flops = 2 * tokens * dim * 3 * hidden
+            print(f'feed-forward matmuls, hidden {hidden}, bias {bias}: {seconds * 1e3:.3f} ms, '
+                  f'{flops / seconds / 1e12:.0f} TFLOP/s', flush = True)
+
+
 if __name__ == '__main__':
     torch.manual_seed(0)
+    feed_forward_alignment()
     modality_generation()
     profile_step(mixed_step(compile_blocks = True))
     mixed_step(compile_blocks = True, compile_stack = True)

@@ -296,7 +296,7 @@ def gen_modality(model, cfg) -> Task:
     return Task(step, 1, 'sample', info=dict(latent_tokens=n, modality_steps=steps), count_step=lambda: step(**eager))
 
 
-def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float]:
+def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float | None]:
     """Network evaluations in one call of `task.step` (a forward pre-hook on the network) and
     the FLOPs that call does (FlopCounterMode; compiled code forced eager, no CUDA graphs)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -307,12 +307,19 @@ def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float
     handle = net.register_forward_pre_hook(lambda *_: calls.append(1)) if net is not None else None
     counter = FlopCounterMode(display=False)
     try:
-        with force_eager(), counter:
-            task.count_step()
+        try:
+            with force_eager(), counter:
+                task.count_step()
+            flops = counter.get_total_flops()
+        except Exception:   # e.g. the peer's eager flex attention under a dispatch mode: NFE only
+            calls.clear()
+            with force_eager():
+                task.count_step()
+            flops = None
     finally:
         if handle is not None:
             handle.remove()
-    return (len(calls) if net is not None else None), counter.get_total_flops()
+    return (len(calls) if net is not None else None), flops
 
 
 def count_flops_per_token(task: Task) -> float | None:
@@ -403,7 +410,7 @@ def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | No
         result['output_shape'] = list(out.shape)
     if name == 'gen_modality':   # FLOP/tok here: forward FLOPs of one whole call per latent token
         result['nfe'], flops = count_nfe_and_flops(model, task, side)
-        result['flops_per_token'] = flops / cfg['modality_len']
+        result['flops_per_token'] = flops / cfg['modality_len'] if flops is not None else None
     if flops and task.flop_step is not None:
         try:
             result['flops_per_token'] = count_flops_per_token(task)

@@ -158,6 +158,24 @@ def to_items(batch, config: TransfusionConfig, encode: Encode) -> tuple[list[Sam
     return samples, ValueCheck(samples, config)
 
 
+class EarlyFlag:
+    """A bool tensor read back to the host as soon as it is computed: `value()` then waits for
+    that point of the stream only, not for the work queued after it (the forward)."""
+
+    def __init__(self, flag: Tensor):
+        self.ready = None
+        if flag.device.type == 'cuda':
+            flag = flag.to('cpu', non_blocking = True)   # into pinned memory, queued right here
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        self.flag = flag
+
+    def value(self) -> bool:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return bool(self.flag.item())
+
+
 class ValueCheck:
     """Text ids in range and finite latents for a whole batch, as one flag.
 
@@ -179,12 +197,12 @@ class ValueCheck:
             values = torch.cat([x.reshape(-1).to(device) for _, _, x in self.latents])
             flags.append(~torch.isfinite(values).all())
         device = flags[0].device if flags else torch.device('cpu')
-        self.flag = torch.stack([f.to(device) for f in flags]).any() if flags else None
-        if self.flag is not None and self.flag.device.type == 'cpu':
+        self.flag = EarlyFlag(torch.stack([f.to(device) for f in flags]).any()) if flags else None
+        if self.flag is not None and device.type == 'cpu':
             self.raise_if_invalid()
 
     def raise_if_invalid(self) -> None:
-        if self.flag is None or not self.flag.item():
+        if self.flag is None or not self.flag.value():
             return
         limit = self.config.num_text_tokens
         for s, j, t in self.texts:
@@ -345,6 +363,26 @@ def _host_index_arrays(layout: _Layout, instances: _Instances, sample_slices: li
     return arrays
 
 
+def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A copy of a tensor (usually on the host) on `device`. To a GPU through pinned memory and a non-blocking
+    copy: a plain copy from pageable memory synchronises the stream, a stall the H100 profile
+    (benchmarks/results/h100_profile.log) counted in every training step."""
+    if device.type != 'cuda' or tensor.device.type != 'cpu':
+        return tensor.to(device, copy = True)
+    return tensor.pin_memory().to(device, non_blocking = True)
+
+
+def cat_on_device(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """torch.cat of tensors on `device`, host tensors joined on the host first and moved in one
+    transfer (not one per item)."""
+    if all(t.device == device for t in tensors):
+        return torch.cat(tensors)
+    host = [t for t in tensors if t.device.type == 'cpu']
+    if len(host) == len(tensors):
+        return host_to_device(torch.cat(host), device)
+    return torch.cat([host_to_device(t, device) if t.device.type == 'cpu' else t.to(device) for t in tensors])
+
+
 def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, device: torch.device, close: bool = True) -> PackedBatch:
     """Lay samples out back to back. close: end each sample with EOS (training); prompts stay open."""
     layout, instances, sample_slices = _lay_out(samples, config, vocab, close)
@@ -354,19 +392,19 @@ def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, de
     for values in arrays.values():
         joined.extend(values)
     flat = torch.frombuffer(joined, dtype = torch.long) if joined else torch.zeros(0, dtype = torch.long)
-    flat = flat.to(device, copy = True)                                          # one transfer for all of them
+    flat = host_to_device(flat, device)                                          # one transfer for all of them
     host = dict(zip(arrays, flat.split([len(v) for v in arrays.values()])))
 
     token_ids = host['token_ids']
     nonempty = [t for t in layout.text_ids if t.numel()]
     if nonempty:
-        text_ids = torch.cat([t.to(device).long() for t in nonempty]).clamp(0, vocab.size - 1)  # see ValueCheck
+        text_ids = cat_on_device([t.long() for t in nonempty], device).clamp(0, vocab.size - 1)  # see ValueCheck
         token_ids = token_ids.index_put((host['text_positions'],), text_ids)
     groups = [
         LatentGroup(
             modality = modality, index = host[f'index_{modality}'], instance = host[f'instance_{modality}'],
             data_instance = host.get(f'data_instance_{modality}', host[f'instance_{modality}']),
-            data = torch.cat([instances.data[i].to(device) for i, m in enumerate(instances.modality) if m == modality]),
+            data = cat_on_device([instances.data[i] for i, m in enumerate(instances.modality) if m == modality], device),
             shapes = [shape for shape, m in zip(instances.shape, instances.modality) if m == modality],
         )
         for modality in modalities

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import flow
-from .batch import PackedBatch
+from .batch import EarlyFlag, PackedBatch, host_to_device
 
 
 @dataclass
@@ -39,10 +39,10 @@ def text_only_loss(model, ids: Tensor) -> LossBreakdown:
     if ids.dtype == torch.bool or ids.is_complex():
         raise TypeError(f'text-only training expects integer token ids, got {ids.dtype}')
     limit = model.config.num_text_tokens
-    invalid = ((ids < 0) | (ids >= limit)).any()
-    if invalid.device.type == 'cpu':
+    invalid = EarlyFlag(((ids < 0) | (ids >= limit)).any())
+    if ids.device.type == 'cpu':
         _raise_for_text_ids(model, ids, invalid)
-    ids = ids.to(model.device).long()
+    ids = (ids if ids.device == model.device else host_to_device(ids, model.device)).long()
     logits = model.text_logits(ids.clamp(0, limit - 1))[:, :-1]   # clamped: no device assert before the check
     text = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
     _raise_for_text_ids(model, ids, invalid)                       # device batches: one sync, after queueing
@@ -50,8 +50,8 @@ def text_only_loss(model, ids: Tensor) -> LossBreakdown:
     return LossBreakdown(total = total, text = text, flow = text.new_zeros(()), flow_per_modality = {})
 
 
-def _raise_for_text_ids(model, ids: Tensor, invalid: Tensor) -> None:
-    if invalid.item():
+def _raise_for_text_ids(model, ids: Tensor, invalid: EarlyFlag) -> None:
+    if invalid.value():
         row, column = ((ids < 0) | (ids >= model.config.num_text_tokens)).nonzero()[0].tolist()
         raise ValueError(f'sample {row}, item 0: text id {int(ids[row, column])} at position {column} is outside [0, num_text_tokens={model.config.num_text_tokens})')
 

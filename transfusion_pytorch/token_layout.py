@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .batch import PackedBatch
+from .batch import PackedBatch, host_to_device
 from .config import TransfusionConfig
 from .experts import TEXT_EXPERT, Routing
 from .masks import FLEX_BLOCK, AttentionRule, instance_alibi, mask_for_rule, resolve_backend
@@ -35,7 +35,7 @@ def grid_coordinates(shape: tuple[int, ...], axes: int, device = None) -> Tensor
     for point in itertools.product(*(range(a) for a in shape)):
         values.extend(point + padding)
     coords = torch.frombuffer(values, dtype = torch.long).reshape(-1, axes) if values else torch.zeros(1, axes, dtype = torch.long)
-    return coords.to(device, copy = True)
+    return host_to_device(coords, torch.device(device or 'cpu'))
 
 
 def coordinate_axes(config: TransfusionConfig, packed: PackedBatch) -> int:
@@ -51,14 +51,15 @@ def packed_coordinates(config: TransfusionConfig, packed: PackedBatch) -> Tensor
     for start, shape, modality in zip(packed.instance_starts, packed.instance_shape, packed.instance_modality):
         token_shape = config.modalities[modality].token_shape(shape)
         coords[start:start + math.prod(token_shape)] = grid_coordinates(token_shape, axes)
-    return coords.to(packed.token_ids.device)
+    return host_to_device(coords, packed.token_ids.device)
 
 
 def packed_positions(config: TransfusionConfig, packed: PackedBatch, coords: Tensor | None) -> Tensor:
     """Int['n'] sequence positions, or Int['n k'] axial positions with axial_rotary."""
     if not config.axial_rotary:
         return packed.positions
-    first_latent = packed.positions[torch.tensor(packed.instance_starts, dtype = torch.long, device = coords.device)] if packed.instance_starts else None
+    starts = host_to_device(torch.tensor(packed.instance_starts, dtype = torch.long), coords.device) if packed.instance_starts else None
+    first_latent = packed.positions[starts] if starts is not None else None
     text_like = sequence_positions(packed.positions, 1 + coords.shape[1])
     if first_latent is None:
         return text_like
