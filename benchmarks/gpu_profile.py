@@ -88,7 +88,7 @@ def profile_step(step):
         torch.cuda.set_sync_debug_mode('warn')
         step()
         torch.cuda.set_sync_debug_mode('default')
-    syncs = [str(w.message).splitlines()[0] for w in caught if 'synchroniz' in str(w.message)]
+    syncs = [str(w.message).splitlines()[0] for w in caught if 'called a synchronizing' in str(w.message)]
     print(f'host syncs in one step: {len(syncs)} {syncs[:3]}', flush = True)
     with profile(activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
