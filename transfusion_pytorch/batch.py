@@ -200,6 +200,7 @@ class ValueCheck:
         self.flag = EarlyFlag(torch.stack([f.to(device) for f in flags]).any()) if flags else None
         if self.flag is not None and device.type == 'cpu':
             self.raise_if_invalid()
+            self.flag = None   # checked: a later raise_if_invalid has nothing to do
 
     def raise_if_invalid(self) -> None:
         if self.flag is None or not self.flag.value():
