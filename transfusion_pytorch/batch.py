@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .config import TransfusionConfig
+from .transfer import EarlyFlag, cat_on_device, host_to_device
 from .tokens import Vocabulary
 
 
@@ -156,24 +157,6 @@ def to_items(batch, config: TransfusionConfig, encode: Encode) -> tuple[list[Sam
             items.append(TextItem(data) if kind == 'text' else ModalityItem(modality, latents[s, j]))
         samples.append(items)
     return samples, ValueCheck(samples, config)
-
-
-class EarlyFlag:
-    """A bool tensor read back to the host as soon as it is computed: `value()` then waits for
-    that point of the stream only, not for the work queued after it (the forward)."""
-
-    def __init__(self, flag: Tensor):
-        self.ready = None
-        if flag.device.type == 'cuda':
-            flag = flag.to('cpu', non_blocking = True)   # into pinned memory, queued right here
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-        self.flag = flag
-
-    def value(self) -> bool:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return bool(self.flag.item())
 
 
 class ValueCheck:
@@ -362,26 +345,6 @@ def _host_index_arrays(layout: _Layout, instances: _Instances, sample_slices: li
         if data_owner != owner:  # a U-Net: data rows outnumber tokens
             arrays[f'data_instance_{modality}'] = data_owner
     return arrays
-
-
-def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """A copy of a tensor (usually on the host) on `device`. To a GPU through pinned memory and a non-blocking
-    copy: a plain copy from pageable memory synchronises the stream, a stall the H100 profile
-    (benchmarks/results/h100_profile.log) counted in every training step."""
-    if device.type != 'cuda' or tensor.device.type != 'cpu':
-        return tensor.to(device, copy = True)
-    return tensor.pin_memory().to(device, non_blocking = True)
-
-
-def cat_on_device(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """torch.cat of tensors on `device`, host tensors joined on the host first and moved in one
-    transfer (not one per item)."""
-    if all(t.device == device for t in tensors):
-        return torch.cat(tensors)
-    host = [t for t in tensors if t.device.type == 'cpu']
-    if len(host) == len(tensors):
-        return host_to_device(torch.cat(host), device)
-    return torch.cat([host_to_device(t, device) if t.device.type == 'cpu' else t.to(device) for t in tensors])
 
 
 def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, device: torch.device, close: bool = True) -> PackedBatch:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import flow
-from .batch import EarlyFlag, PackedBatch, host_to_device
+from .batch import PackedBatch
+from .transfer import EarlyFlag, host_to_device
 
 
 @dataclass

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .batch import PackedBatch, host_to_device
+from .batch import PackedBatch
 from .config import TransfusionConfig
 from .experts import TEXT_EXPERT, Routing
 from .masks import FLEX_BLOCK, AttentionRule, instance_alibi, mask_for_rule, resolve_backend
 from .positions import axial_positions, sequence_positions
+from .transfer import host_to_device
 
 
 def grid_coordinates(shape: tuple[int, ...], axes: int, device = None) -> Tensor:
