@@ -30,6 +30,7 @@ from .graphs import GraphedFunction
 from .kv_cache import KVCache
 from .masks import AttentionMask, prefix_mask
 from .token_layout import step_alibi, step_positions, step_routing
+from .transfer import host_to_device
 
 
 def check_prompt_fits(row: int, length: int, max_length: int) -> None:
@@ -65,7 +66,7 @@ class CachedRunner:
         see each other (bidirectional); `isolated` rows see only their new tokens."""
         model, device, b = self.model, self.model.device, len(rows)
         latents = math.prod(shape) if shape is not None else 0
-        starts = torch.tensor([self.lengths[r] for r in rows], dtype = torch.long, device = device)
+        starts = host_to_device(torch.tensor([self.lengths[r] for r in rows], dtype = torch.long), device)
         slots = starts[:, None] + torch.arange(q, device = device)
         alibi = step_alibi(model, shape) if shape is not None else None
         mask = prefix_mask(starts, q, self.cache.slots, bidirectional_span = span, isolated = isolated, instance_bias = alibi)
@@ -73,7 +74,7 @@ class CachedRunner:
         if model.modalities.adaptive is not None and latents:
             token_instance = torch.arange(b, device = device)[:, None].expand(-1, q)
             token_instance = torch.where(torch.arange(q, device = device) < latents, token_instance, -1)   # text-like: none
-        subset = None if rows == list(range(self.cache.batch)) else torch.tensor(rows, device = device)
+        subset = None if rows == list(range(self.cache.batch)) else host_to_device(torch.tensor(rows), device)
         cache = self.cache if subset is None else self.cache.rows(subset)
         return StepContext(step_positions(model.config, starts, q, shape), mask, step_routing(model.config, modality, b, q, latents, device),
                            cache, cache.layer_views(slots), token_instance, subset)
@@ -110,7 +111,7 @@ class CachedRunner:
 
     def feed(self, rows: list[int], tokens: list[int]) -> Tensor:
         model = self.model
-        ids = torch.tensor(tokens, dtype = torch.long, device = model.device)[:, None]
+        ids = host_to_device(torch.tensor(tokens, dtype = torch.long), model.device)[:, None]
         context = self._context(rows, 1, span = 0)
         hidden = self._run(context, model.token_embedding(ids))
         self._persist(context)
