@@ -5,10 +5,13 @@
    the two outputs for the same seed;
 2. one mixed training step with compiled blocks: median time, device time (sum of the kernels
    the profiler saw), the host syncs it makes (CUDA sync debug mode), the top host and device ops;
-3. the same step with the whole stack compiled as one region (transformer.compile_stack);
-4. the feed-forward matmuls of the benchmark shape with the hidden width 2730 (int(1024 * 4 *
-   2 / 3), not a multiple of 8: the H100 profile showed sm80 cutlass kernels for them) against
-   2736, with and without bias: whether padding the width would pay.
+3. the same step with the feed-forward computed padded to width 2736
+   (transformer.ff_pad_multiple = 16);
+4. before those, the bare feed-forward matmuls of the benchmark shape at width 2730
+   (int(1024 * 4 * 2 / 3), not a multiple of 8: the H100 profile showed sm80 cutlass kernels
+   for them) against 2736, with and without bias.
+(compile_stack was measured here once: 49.8 ms against 48.0 ms per block on an H100, after a
+44 s compile; `mixed_step(compile_blocks = True, compile_stack = True)` repeats it.)
 
     python benchmarks/gpu_profile.py            # about 1-3 minutes, most of it compilation
 """
@@ -122,4 +125,4 @@ if __name__ == '__main__':
     feed_forward_alignment()
     modality_generation()
     profile_step(mixed_step(compile_blocks = True))
-    mixed_step(compile_blocks = True, compile_stack = True)
+    mixed_step(compile_blocks = True, ff_pad_multiple = 16)

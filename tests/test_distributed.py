@@ -163,7 +163,8 @@ def block_call(model: Transfusion, index: int = 1) -> tuple:
     return captured[0]
 
 
-@pytest.mark.parametrize('options', [dict(), dict(qk_norm = True, value_residual = True, laser = True)], ids = ['plain', 'all_options'])
+@pytest.mark.parametrize('options', [dict(), dict(qk_norm = True, value_residual = True, laser = True), dict(ff_pad_multiple = 16)],
+                         ids = ['plain', 'all_options', 'padded_feed_forward'])
 def test_a_block_compiles_as_one_graph(options):
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward like
     inductor would, without a C++ toolchain."""

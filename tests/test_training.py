@@ -210,3 +210,21 @@ def test_condition_dropout_isolates_whole_instances():
         flags = isolated[packed.instance == i]
         assert flags.all() or not flags.any()
     assert 0 < isolated.sum() < (packed.instance >= 0).sum()
+
+
+def test_padded_feed_forward_computes_the_same_model():
+    """ff_pad_multiple only changes how the feed-forward is computed: the same weights give the
+    same loss and the same gradients, and the parameters keep their shapes."""
+    plain = tiny_model(transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32))
+    padded = tiny_model(transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, ff_pad_multiple = 16))
+    assert plain.config.transformer.dim_ff % 16 and padded.transformer.blocks[0].ff.pad > 0
+    padded.load_state_dict(plain.state_dict())
+    batch, times, noise = mixed_batch(), torch.rand(3), [randn(2, 3, 8), randn(4, 4), randn(1, 2, 8)]
+    losses = []
+    for model in (plain, padded):
+        losses.append(model(batch, times = times, noise = noise))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, a), b in zip(plain.named_parameters(), padded.parameters()):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b.grad, a.grad, atol = 1e-6, rtol = 1e-5, msg = lambda m: f'{name}: {m}')

@@ -52,6 +52,10 @@ class TransformerConfig:
         of each block alone: one guard check and one autograd function per forward instead of
         one per block, and fusion across block boundaries, for a compile about twice as long.
     checkpoint_activations: recompute block activations in the backward pass to save memory.
+    ff_pad_multiple: compute the feed-forward's hidden layer padded with units of zero weight up
+        to a multiple of this width (e.g. 16: int(1024 * 4 * 2 / 3) = 2730 becomes 2736, whose
+        bf16 rows are 16-byte aligned for GPU matrix kernels). The padded units stay exactly
+        zero in value and gradient, so the model and its parameters' shapes are unchanged.
     """
     dim: int
     depth: int
@@ -69,9 +73,10 @@ class TransformerConfig:
     compile_blocks: bool = False
     compile_stack: bool = False
     checkpoint_activations: bool = False
+    ff_pad_multiple: int = 1
 
     def __post_init__(self):
-        for name in ('dim', 'depth', 'heads', 'dim_head', 'experts'):
+        for name in ('dim', 'depth', 'heads', 'dim_head', 'experts', 'ff_pad_multiple'):
             _require(_is_positive_int(getattr(self, name)), f'transformer.{name} must be a positive int, got {getattr(self, name)!r}')
         _require(self.dim_head % 2 == 0, f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')
         _require(isinstance(self.ff_mult, (int, float)) and self.ff_mult > 0, f'transformer.ff_mult must be a positive number, got {self.ff_mult!r}')

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -38,17 +39,30 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: Float['b n d'] -> Float['b n d'] through a gated hidden layer of width f."""
+    """SwiGLU: Float['b n d'] -> Float['b n d'] through a gated hidden layer of width f.
+    pad_multiple: compute with f padded by zero units to a multiple of this (one expert only)."""
 
-    def __init__(self, dim: int, dim_hidden: int, dropout: float = 0., experts: int = 1):
+    def __init__(self, dim: int, dim_hidden: int, dropout: float = 0., experts: int = 1, pad_multiple: int = 1):
         super().__init__()
         self.to_hidden = experts_module.linear(dim, 2 * dim_hidden, experts)
         self.dropout = nn.Dropout(dropout)
         self.to_out = experts_module.linear(dim_hidden, dim, experts)
+        self.pad = -dim_hidden % pad_multiple if experts == 1 else 0
 
     def forward(self, x: Tensor, routing: Routing | None = None) -> Tensor:
+        if self.pad:
+            return self._padded(x)
         hidden, gate = experts_module.apply(self.to_hidden, x, routing).chunk(2, dim = -1)
         return experts_module.apply(self.to_out, self.dropout(hidden * F.silu(gate)), routing)
+
+    def _padded(self, x: Tensor) -> Tensor:
+        """The same function with `pad` extra hidden units whose weights and biases are zero:
+        they output silu(0) * 0 = 0 and, fed through zero columns of to_out, add nothing; their
+        weights are views of padding, so no parameter changes shape or gets a gradient there."""
+        pad_rows = lambda t: rearrange(F.pad(rearrange(t, '(two f) ... -> two f ...', two = 2),
+                                             (0, 0) * (t.ndim - 1) + (0, self.pad)), 'two f ... -> (two f) ...')
+        hidden, gate = F.linear(x, pad_rows(self.to_hidden.weight), pad_rows(self.to_hidden.bias)).chunk(2, dim = -1)
+        return F.linear(self.dropout(hidden * F.silu(gate)), F.pad(self.to_out.weight, (0, self.pad)), self.to_out.bias)
 
 
 @dataclass
@@ -72,7 +86,8 @@ class Block(nn.Module):
             value_residual = config.value_residual and not is_first, laser = config.laser, experts = config.experts,
         )
         self.ff_norm = RMSNorm(config.dim)
-        self.ff = FeedForward(config.dim, config.dim_ff, dropout = config.dropout, experts = config.experts)
+        self.ff = FeedForward(config.dim, config.dim_ff, dropout = config.dropout, experts = config.experts,
+                              pad_multiple = config.ff_pad_multiple)
 
     def forward(
         self,
