@@ -38,12 +38,13 @@ class GraphedFunction:
     def __call__(self, *inputs: Tensor) -> Tensor:
         if not self.enabled or not inputs[0].is_cuda:
             return self.fn(*inputs)
-        if self.graph is None:
-            return self._warm_up_and_capture(inputs)
-        for static, value in zip(self.static_inputs, inputs):
-            static.copy_(value)
-        self.graph.replay()
-        return self.static_output.clone()   # the buffer is overwritten by the next replay
+        with torch.cuda.device(inputs[0].device):   # capture and replay on the inputs' GPU, not the current one
+            if self.graph is None:
+                return self._warm_up_and_capture(inputs)
+            for static, value in zip(self.static_inputs, inputs):
+                static.copy_(value)
+            self.graph.replay()
+            return self.static_output.clone()   # the buffer is overwritten by the next replay
 
     def _warm_up_and_capture(self, inputs: tuple[Tensor, ...]) -> Tensor:
         self.static_inputs = [value.clone() for value in inputs]

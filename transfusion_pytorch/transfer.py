@@ -37,9 +37,10 @@ class EarlyFlag:
     def __init__(self, flag: Tensor):
         self.ready = None
         if flag.device.type == 'cuda':
-            flag = flag.to('cpu', non_blocking = True)   # into pinned memory, queued right here
-            self.ready = torch.cuda.Event()
-            self.ready.record()
+            with torch.cuda.device(flag.device):   # the event must follow the flag's stream
+                flag = flag.to('cpu', non_blocking = True)   # into pinned memory, queued right here
+                self.ready = torch.cuda.Event()
+                self.ready.record()
         self.flag = flag
 
     def value(self) -> bool:
