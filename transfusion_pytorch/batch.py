@@ -162,10 +162,11 @@ def to_items(batch, config: TransfusionConfig, encode: Encode) -> tuple[list[Sam
 class ValueCheck:
     """Text ids in range and finite latents for a whole batch, as one flag.
 
-    Host tensors are checked at once. For device tensors the flag stays on the device, so the
-    caller can queue work first and pay the single host sync in `raise_if_invalid` later,
-    without stalling the device; until then nothing may change the model (the packed ids are
-    clamped, so a bad id cannot trigger a device-side assert)."""
+    Host tensors are checked at once. For device tensors the flag is read back as soon as it is
+    computed (EarlyFlag), so the caller can queue the forward first and call `raise_if_invalid`
+    after it: that waits for the check alone, not for the forward. Until then nothing may
+    change the model (the packed ids are clamped, so a bad id cannot trigger a device-side
+    assert)."""
 
     def __init__(self, samples: list[Sample], config: TransfusionConfig):
         self.config = config

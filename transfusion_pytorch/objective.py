@@ -46,7 +46,7 @@ def text_only_loss(model, ids: Tensor) -> LossBreakdown:
     ids = (ids if ids.device == model.device else host_to_device(ids, model.device)).long()
     logits = model.text_logits(ids.clamp(0, limit - 1))[:, :-1]   # clamped: no device assert before the check
     text = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-    _raise_for_text_ids(model, ids, invalid)                       # device batches: one sync, after queueing
+    _raise_for_text_ids(model, ids, invalid)                       # device batches: after queueing, waits for the flag only
     total = model.config.text_loss_weight * text + unused_parameter_anchor(model, set())
     return LossBreakdown(total = total, text = text, flow = text.new_zeros(()), flow_per_modality = {})
 

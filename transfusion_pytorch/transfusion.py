@@ -122,7 +122,7 @@ class Transfusion(nn.Module):
         else:
             packed, check = self.pack(self._as_samples(batch, modality_type), defer_check = True)
             breakdown = objective.packed_loss(self, packed, times, noise)
-            check.raise_if_invalid()   # after queueing the forward: one sync, no stall
+            check.raise_if_invalid()   # after queueing the forward; waits for the check alone, not the forward
         return (breakdown.total, breakdown) if return_breakdown else breakdown.total
 
     def _as_samples(self, batch, modality_type: int | None):
