@@ -168,3 +168,10 @@ def launch(args, run):
         return run(args, env)
     finally:
         teardown_distributed(env)
+
+
+def launch_and_report(args, run, report) -> None:
+    """launch(args, run), then print report(metrics) on the process that has the metrics."""
+    metrics = launch(args, run)
+    if metrics is not None:
+        print(report(metrics))

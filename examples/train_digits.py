@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
-from common import (Distributed, default_device, launch, plot_loss_curve, save_checkpoint,  # noqa: E402
+from common import (Distributed, default_device, launch_and_report, plot_loss_curve, save_checkpoint,  # noqa: E402
                     train, write_json)
 from digits_data import Batches, load_splits, to_latents  # noqa: E402
 from digits_eval import (caption, fit_judge, frechet_distance_pca, generate_by_label,  # noqa: E402
@@ -168,11 +168,10 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
 
 def main(argv = None) -> None:
     args = parse_args(argv)
-    metrics = launch(args, run)
-    if metrics is not None:
-        print(f"label accuracy {metrics['label_accuracy']:.3f} (classifier on real held-out digits "
-              f"{metrics['classifier_test_accuracy']:.3f}), caption accuracy {metrics['caption_accuracy']:.3f}, "
-              f"training {metrics['training_seconds']:.0f} s for {metrics['steps']} steps; outputs in {args.output}")
+    launch_and_report(args, run, lambda metrics: (
+        f"label accuracy {metrics['label_accuracy']:.3f} (classifier on real held-out digits "
+        f"{metrics['classifier_test_accuracy']:.3f}), caption accuracy {metrics['caption_accuracy']:.3f}, "
+        f"training {metrics['training_seconds']:.0f} s for {metrics['steps']} steps; outputs in {args.output}"))
 
 
 if __name__ == '__main__':

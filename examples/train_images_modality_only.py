@@ -37,7 +37,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
-from common import Distributed, default_device, launch, plot_loss_curve, train, write_json  # noqa: E402
+from common import Distributed, default_device, launch_and_report, plot_loss_curve, train, write_json  # noqa: E402
 from transfusion_pytorch import Transfusion  # noqa: E402
 
 SMOKE = dict(steps = 30, batch_size = 16, dim = 32, depth = 1, heads = 2, samples = 48, modality_steps = 2, warmup = 5,
@@ -273,14 +273,13 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
 
 def main(argv = None) -> None:
     args = parse_args(argv)
-    metrics = launch(args, run)
-    if metrics is not None:
-        print(f"held-out flow loss {metrics['flow_loss_heldout']:.4f} (untrained {metrics['flow_loss_heldout_untrained']:.4f}); "
-              f"Fréchet PCA distance {metrics['frechet_pca_generated']:.2f} (untrained {metrics['frechet_pca_untrained']:.2f}, "
-              f"real floor {metrics['frechet_pca_real']:.2f}); real-vs-generated classifier accuracy "
-              f"{metrics['classifier_accuracy_generated']:.3f} (untrained {metrics['classifier_accuracy_untrained']:.3f}, "
-              f"real vs real {metrics['classifier_accuracy_real']:.3f}); "
-              f"training {metrics['training_seconds']:.0f} s for {metrics['steps']} steps; outputs in {args.output}")
+    launch_and_report(args, run, lambda metrics: (
+        f"held-out flow loss {metrics['flow_loss_heldout']:.4f} (untrained {metrics['flow_loss_heldout_untrained']:.4f}); "
+        f"Fréchet PCA distance {metrics['frechet_pca_generated']:.2f} (untrained {metrics['frechet_pca_untrained']:.2f}, "
+        f"real floor {metrics['frechet_pca_real']:.2f}); real-vs-generated classifier accuracy "
+        f"{metrics['classifier_accuracy_generated']:.3f} (untrained {metrics['classifier_accuracy_untrained']:.3f}, "
+        f"real vs real {metrics['classifier_accuracy_real']:.3f}); "
+        f"training {metrics['training_seconds']:.0f} s for {metrics['steps']} steps; outputs in {args.output}"))
 
 
 if __name__ == '__main__':

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
-from common import (Distributed, default_device, launch, plot_loss_curve, save_checkpoint,  # noqa: E402
+from common import (Distributed, default_device, launch_and_report, plot_loss_curve, save_checkpoint,  # noqa: E402
                     train, write_json)
 from transfusion_pytorch import Transfusion  # noqa: E402
 
@@ -195,11 +195,10 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
 
 def main(argv = None) -> None:
     args = parse_args(argv)
-    metrics = launch(args, run)
-    if metrics is not None:
-        print(f"held-out bits per character {metrics['bits_per_char']:.3f} (unigram baseline "
-              f"{metrics['unigram_bits_per_char']:.3f}), training {metrics['training_seconds']:.0f} s "
-              f"for {metrics['steps']} steps; outputs in {args.output}")
+    launch_and_report(args, run, lambda metrics: (
+        f"held-out bits per character {metrics['bits_per_char']:.3f} (unigram baseline "
+        f"{metrics['unigram_bits_per_char']:.3f}), training {metrics['training_seconds']:.0f} s "
+        f"for {metrics['steps']} steps; outputs in {args.output}"))
 
 
 if __name__ == '__main__':
