@@ -59,8 +59,13 @@ def test_round_trip_gives_the_same_model(tmp_path):
 
 def test_runtime_options_may_change_at_load_but_nothing_else(tmp_path):
     tiny_model().save_pretrained(tmp_path)
-    loaded = Transfusion.from_pretrained(tmp_path, checkpoint_activations = True, attention_backend = 'sdpa')
+    loaded = Transfusion.from_pretrained(tmp_path, checkpoint_activations = True, attention_backend = 'sdpa',
+                                         compile_options = {'cpp_wrapper': True})
     assert loaded.config.transformer.checkpoint_activations and loaded.config.transformer.attention_backend == 'sdpa'
+    assert loaded.config.transformer.compile_options_dict == {'cpp_wrapper': True}
+    loaded.save_pretrained(tmp_path / 'again')    # the options survive JSON: lists of pairs come back as pairs
+    again = Transfusion.from_pretrained(tmp_path / 'again')
+    assert again.config == loaded.config and hash(again.config) == hash(loaded.config)
     with pytest.raises(ValueError, match = r"only overrides runtime options .*\['dim'\]"):
         Transfusion.from_pretrained(tmp_path, dim = 128)
 

@@ -185,15 +185,17 @@ def test_compile_blocks_option_trains_with_fullgraph_blocks(monkeypatch, stack):
     """Through the real compile_blocks path (each block, or with compile_stack the whole stack
     as one region), with torch.compile forced to fullgraph=True: the training step compiles
     without a graph break and gives the eager gradients."""
+    eager = small_model()
+    fast = small_model(compile_blocks = True, compile_stack = stack, compile_options = {'epilogue_fusion': False})
     original, compiled = torch.compile, []
 
     def fullgraph_compile(module, **kwargs):
         compiled.append(module)
+        assert kwargs == dict(options = {'epilogue_fusion': False})   # compile_options reach torch.compile
         return original(module, fullgraph = True, backend = 'aot_eager')
 
     monkeypatch.setattr(torch, 'compile', fullgraph_compile)
     torch._dynamo.reset()
-    eager, fast = small_model(), small_model(compile_blocks = True, compile_stack = stack)
     fast.load_state_dict(eager.state_dict())
     batch, times, noise = rank_input(0, 'full')
     for model in (eager, fast):

@@ -228,3 +228,22 @@ def test_padded_feed_forward_computes_the_same_model():
     for (name, a), b in zip(plain.named_parameters(), padded.parameters()):
         assert a.shape == b.shape
         torch.testing.assert_close(b.grad, a.grad, atol = 1e-6, rtol = 1e-5, msg = lambda m: f'{name}: {m}')
+
+
+def test_compile_options_reach_inductor_and_keep_the_gradients():
+    """compile_blocks with compile_options={'cpp_wrapper': True}: inductor really compiles the
+    blocks (C++ kernels behind a C++ launch wrapper) and the loss and gradients stay eager's."""
+    transformer = dict(dim = 32, depth = 2, heads = 2, dim_head = 16)
+    eager = tiny_model(transformer = transformer)
+    fast = tiny_model(transformer = dict(transformer, compile_blocks = True, compile_options = {'cpp_wrapper': True}))
+    fast.load_state_dict(eager.state_dict())
+    batch, times, noise = mixed_batch(), torch.rand(3), [randn(2, 3, 8), randn(4, 4), randn(1, 2, 8)]
+    torch._dynamo.reset()
+    losses = []
+    for model in (eager, fast):
+        losses.append(model(batch, times = times, noise = noise))
+        losses[-1].backward()
+    assert fast.transformer._compiled_blocks is not None
+    torch.testing.assert_close(losses[1], losses[0], atol = 1e-5, rtol = 1e-5)
+    for (name, a), b in zip(eager.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol = 1e-5, rtol = 1e-4, msg = lambda m: f'{name}: {m}')

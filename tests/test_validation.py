@@ -71,6 +71,9 @@ def test_shape_tokens_off_requires_the_fixed_shape():
     (dict(time_sampling = 'beta'), "time_sampling must be 'uniform' or 'logit_normal'"),
     (dict(condition_dropout = 1.5), r'condition_dropout must be in \[0, 1\)'),
     (dict(dim_latent = 8, modality_default_shape = None, add_modality_shape_tokens = False), 'needs a modality_default_shape'),
+    (dict(transformer = dict(dim = 64, depth = 2, compile_options = {'cpp_wraper': True})), 'compile_options: Unexpected optimization option cpp_wraper$'),
+    (dict(transformer = dict(dim = 64, depth = 2, compile_options = {'cpp_wrapper': [1]})), r"compile_options\['cpp_wrapper'\] must be a bool, number or string"),
+    (dict(transformer = dict(dim = 64, depth = 2, compile_options = 'cpp_wrapper')), 'compile_options must be a dict'),
 ])
 def test_bad_configuration_explains_itself(kwargs, message):
     base = dict(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 64, depth = 2))

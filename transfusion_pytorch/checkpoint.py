@@ -51,7 +51,7 @@ _PAYLOAD_NAME = re.compile(r'(weights|state)-[0-9a-f]{16}\.pt')
 _TEMP_PREFIX = '.tmp-transfusion-'
 _CODER_PREFIXES = ('modalities.encoders.', 'modalities.decoders.')
 # transformer options that change how the network runs, not what it computes
-RUNTIME_OPTIONS = ('attention_backend', 'compile_blocks', 'compile_stack', 'checkpoint_activations', 'ff_pad_multiple')
+RUNTIME_OPTIONS = ('attention_backend', 'compile_blocks', 'compile_stack', 'compile_options', 'checkpoint_activations', 'ff_pad_multiple')
 
 
 # atomic files

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Sequence
 
+import torch
+
 AttentionBackend = Literal['auto', 'sdpa', 'flex']
 TimeSampling = Literal['uniform', 'logit_normal']
 TimeConditioning = Literal['additive', 'adaptive']
@@ -51,6 +53,11 @@ class TransformerConfig:
     compile_stack: with compile_blocks, compile the whole stack of blocks as one region instead
         of each block alone: one guard check and one autograd function per forward instead of
         one per block, and fusion across block boundaries, for a compile about twice as long.
+    compile_options: Inductor options for the compiles of compile_blocks / compile_stack, as
+        torch.compile's `options` (a dict; kept as sorted (name, value) pairs so the config
+        stays hashable and JSON round-trips), e.g. {'cpp_wrapper': True} for a C++ instead of
+        a Python kernel-launch wrapper, or {'triton.cudagraphs': True} for CUDA graphs (what
+        mode='reduce-overhead' sets). Names are checked by torch.compile here, at construction.
     checkpoint_activations: recompute block activations in the backward pass to save memory.
     ff_pad_multiple: compute the feed-forward's hidden layer padded with units of zero weight up
         to a multiple of this width (e.g. 16: int(1024 * 4 * 2 / 3) = 2730 becomes 2736, whose
@@ -72,6 +79,7 @@ class TransformerConfig:
     experts: int = 1
     compile_blocks: bool = False
     compile_stack: bool = False
+    compile_options: Any = ()
     checkpoint_activations: bool = False
     ff_pad_multiple: int = 1
 
@@ -84,10 +92,39 @@ class TransformerConfig:
         _require(self.rotary_theta > 0, f'transformer.rotary_theta must be positive, got {self.rotary_theta!r}')
         _require(self.attention_backend in ('auto', 'sdpa', 'flex'), f"transformer.attention_backend must be 'auto', 'sdpa' or 'flex', got {self.attention_backend!r}")
         _require(not (self.unet_skips and self.depth % 2), f'transformer.unet_skips needs an even depth, got depth={self.depth}')
+        object.__setattr__(self, 'compile_options', _normalise_compile_options(self.compile_options))
 
     @property
     def dim_ff(self) -> int:
         return int(self.dim * self.ff_mult * 2 / 3)
+
+    @property
+    def compile_options_dict(self) -> dict | None:
+        """compile_options as torch.compile's `options` (None when there are none)."""
+        return dict(self.compile_options) or None
+
+
+def _normalise_compile_options(options: Any) -> tuple[tuple[str, Any], ...]:
+    """A dict (or (name, value) pairs, as JSON gives them back) -> sorted pairs, each name
+    checked by torch.compile, which validates options when it wraps a function."""
+    pairs = options.items() if isinstance(options, dict) else options
+    try:
+        pairs = tuple(sorted((name, value) for name, value in pairs))
+    except (TypeError, ValueError):
+        raise ValueError(f'transformer.compile_options must be a dict of Inductor option names to values, got {options!r}') from None
+    for name, value in pairs:
+        _require(isinstance(name, str), f'transformer.compile_options: option names must be strings, got {name!r}')
+        _require(isinstance(value, (bool, int, float, str)), f'transformer.compile_options[{name!r}] must be a bool, number or string, got {value!r}')
+    if pairs:
+        try:
+            torch.compile(_identity, options = dict(pairs))
+        except RuntimeError as error:
+            raise ValueError(f'transformer.compile_options: {error}'.split(', known options')[0]) from None
+    return pairs
+
+
+def _identity(x):
+    return x
 
 
 @dataclass(frozen = True)

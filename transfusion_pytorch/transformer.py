@@ -145,7 +145,7 @@ class Transformer(nn.Module):
         if not compiled:
             return list(self.blocks)
         if self._compiled_blocks is None:
-            self._compiled_blocks = [torch.compile(block) for block in self.blocks]
+            self._compiled_blocks = [torch.compile(block, options = self.config.compile_options_dict) for block in self.blocks]
         return self._compiled_blocks
 
     @typechecked
@@ -168,7 +168,7 @@ class Transformer(nn.Module):
         compiled = compiled and self.config.compile_blocks
         if compiled and self.config.compile_stack:
             if self._compiled_stack is None:
-                self._compiled_stack = torch.compile(self._run_stack)
+                self._compiled_stack = torch.compile(self._run_stack, options = self.config.compile_options_dict)
             return self._compiled_stack(x, positions, mask, modulations, cache, routing, compiled_blocks = False)
         return self._run_stack(x, positions, mask, modulations, cache, routing, compiled_blocks = compiled)
 
