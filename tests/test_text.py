@@ -126,6 +126,20 @@ def test_compiled_decode_step_equals_eager_and_is_reused():
     assert next(iter(model._text_decoders.values())) is decoder
 
 
+def test_compiled_steps_with_skipped_guards_stay_with_their_model_and_batch():
+    """After its first step a decoding loop skips the guards that do not tell compiled versions
+    of the step apart. With versions for two models and two batch sizes compiled, calls taken
+    in turn must each still run their own: greedy tokens equal eager ones every time."""
+    torch.manual_seed(0)
+    models = [text_model(), text_model()]
+    prompts = [torch.randint(0, 32, (1, 3)), torch.randint(0, 32, (2, 3))]
+    expected = {(m, b): models[m].generate_text_only(prompts[b], 20, temperature = 0., compile_step = False)
+                for m in range(2) for b in range(2)}
+    for m, b in [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0), (1, 1), (1, 0), (0, 1)]:
+        tokens = models[m].generate_text_only(prompts[b], 20, temperature = 0., compile_step = True)
+        assert torch.equal(tokens, expected[m, b]), (m, b)
+
+
 def test_in_graph_sampler_keeps_min_p_and_matches_the_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 2
