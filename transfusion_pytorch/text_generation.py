@@ -95,7 +95,7 @@ class TextDecoder:
         if start >= out.shape[1]:
             return
         out[:, start:start + 1] = self.step(temperature, min_p)
-        with torch.compiler.set_stance(skip_guard_eval_unsafe = True) if self.compiled else nullcontext():
+        with skip_guard_checks() if self.compiled else nullcontext():
             for index in range(start + 1, out.shape[1]):
                 out[:, index:index + 1] = self.step(temperature, min_p)
 
@@ -127,6 +127,16 @@ class TextDecoder:
         self.last_token.copy_(choose_tokens(logits, temperature, min_p)[:, None])
         self.position.fill_(prompt.shape[1])
         return self.last_token
+
+
+def skip_guard_checks():
+    """torch.compiler.set_stance(skip_guard_eval_unsafe=True), or nothing on a torch without it
+    (set_stance came in torch 2.6; this package allows 2.5)."""
+    set_stance = getattr(torch.compiler, 'set_stance', None)
+    try:
+        return set_stance(skip_guard_eval_unsafe = True) if set_stance is not None else nullcontext()
+    except TypeError:   # a set_stance without the option
+        return nullcontext()
 
 
 def text_decoder(model, batch: int, slots: int, compile_step: bool) -> TextDecoder:
