@@ -8,10 +8,10 @@
 3. the same step launched with less host work, since the H100 profile showed a host-bound step
    (48 ms a step, 35.9 ms of kernels): the blocks' kernels replayed as CUDA graphs
    (compile_options {'triton.cudagraphs': True}), and launched from a C++ wrapper
-   (compile_options {'cpp_wrapper': True}); last, the whole stack as one region in CUDA graphs
-   (compile_stack, whose compile took 44 s on an H100);
+   (compile_options {'cpp_wrapper': True});
 4. the same step with the feed-forward computed padded to width 2736
-   (transformer.ff_pad_multiple = 16);
+   (transformer.ff_pad_multiple = 16), and last the whole stack as one region in CUDA graphs
+   (compile_stack, whose compile took 44 s on an H100);
 5. before those, the bare feed-forward matmuls of the benchmark shape at width 2730
    (int(1024 * 4 * 2 / 3), not a multiple of 8: the H100 profile showed sm80 cutlass kernels
    for them) against 2736, with and without bias.
@@ -19,7 +19,7 @@ Each variant of the step is tried on its own: one that fails prints its error an
 (compile_stack was measured here once: 49.8 ms against 48.0 ms per block on an H100, after a
 44 s compile; `mixed_step(compile_blocks = True, compile_stack = True)` repeats it.)
 
-    python benchmarks/gpu_profile.py            # about 1-3 minutes, most of it compilation
+    python benchmarks/gpu_profile.py            # about 2-4 minutes, most of it compilation
 """
 import time
 import warnings
