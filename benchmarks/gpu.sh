@@ -8,8 +8,9 @@
 # Extra arguments go to run.py, e.g.  bash benchmarks/gpu.sh --workloads gen_text gen_modality
 # except two of its own: --with-tests runs the CUDA-only tests first (GPU_TESTS_FILTER, a
 # pytest -k expression, picks some; GPU_TESTS_BUDGET seconds), --with-profile runs
-# benchmarks/gpu_profile.py after the benchmark (PROFILE_BUDGET seconds). One call for all:
-#     run(command="bash benchmarks/gpu.sh --with-tests --with-profile", carry=[".whl"], timeout_s=590)
+# benchmarks/gpu_profile.py after the benchmark (PROFILE_BUDGET seconds), and --no-bench
+# skips the benchmark itself (a call for the profile alone):
+#     run(command="PROFILE_BUDGET=240 bash benchmarks/gpu.sh --no-bench --with-profile", carry=[".whl"], timeout_s=300)
 #
 # What it does:
 #   1. installs the peer (transfusion-pytorch==0.20.0) and its missing dependencies from .whl
@@ -27,11 +28,12 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
-TESTS=0; PROFILE=0; ARGS=()
+TESTS=0; PROFILE=0; BENCH=1; ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --with-tests) TESTS=1 ;;
         --with-profile) PROFILE=1 ;;
+        --no-bench) BENCH=0 ;;
         *) ARGS+=("$arg") ;;
     esac
 done
@@ -57,7 +59,7 @@ if [ "$TESTS" = 1 ]; then
         ${GPU_TESTS_FILTER:+-k "$GPU_TESTS_FILTER"} 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" || true
 fi
 
-{
+if [ "$BENCH" = 1 ]; then {
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
     $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || true
     PYTHONPATH=/tmp/peer_site $PY -P -c "import transfusion_pytorch, importlib.metadata as m; print('peer', m.version('transfusion-pytorch'), transfusion_pytorch.__file__)" || true
@@ -68,6 +70,7 @@ fi
         --repeats 5 --rounds 1 --timeout 200 --budget "$BUDGET" \
         --json "$OUT/bench_gpu.json" ${ARGS[@]+"${ARGS[@]}"}
 } 2>&1 | tee "$OUT/bench_gpu.log"
+fi
 
 if [ "$PROFILE" = 1 ]; then
     PYTHONPATH="$OURS_PATH" timeout "${PROFILE_BUDGET:-150}" $PY benchmarks/gpu_profile.py 2>&1 \
