@@ -1,8 +1,9 @@
 """Where the time goes on a GPU, for a lent machine (a diagnostic, not the benchmark):
 
 1. modality generation (256 latent tokens, 15 midpoint steps = 30 evaluations) with each
-   evaluation replayed from a CUDA graph, and eagerly: time, and the largest difference between
-   the two outputs for the same seed;
+   evaluation replayed from a CUDA graph, eagerly, and replayed from a CUDA graph of the compiled
+   blocks (decoding.COMPILED_STEP_DEVICES with 'cuda': fewer, fused kernels per evaluation): time,
+   and the largest difference of each graphed output from the eager one for the same seed;
 2. one mixed training step with compiled blocks: median time, device time (sum of the kernels
    the profiler saw), the host syncs it makes (CUDA sync debug mode), the top host and device ops;
 3. the same step launched with less host work, since the H100 profile showed a host-bound step
@@ -27,7 +28,7 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from transfusion_pytorch import Transfusion
+from transfusion_pytorch import Transfusion, decoding
 
 SHAPE = dict(num_text_tokens = 256, dim_latent = 64, modality_default_shape = (256,))
 TRANSFORMER = dict(dim = 1024, depth = 12, heads = 16, dim_head = 64)
@@ -53,19 +54,27 @@ def timed(fn, repeats):
 
 
 def modality_generation():
-    model = Transfusion(**SHAPE, transformer = TRANSFORMER).cuda().eval()
+    """Eager blocks with and without CUDA graphs, then compiled blocks inside the graphs."""
+    model = Transfusion(**SHAPE, transformer = dict(TRANSFORMER, compile_blocks = True)).cuda().eval()
     outputs = {}
-    for graphs in (True, False):
+    for name, graphs, compiled in (('graphed', True, False), ('eager', False, False), ('graphed, compiled blocks', True, True)):
+        decoding.COMPILED_STEP_DEVICES = {'cpu', 'cuda'} if compiled else {'cpu'}
         run = lambda: model.generate_modality_only(1, 0, (256,), modality_steps = 15, seed = 0, cuda_graphs = graphs)
-        with torch.autocast('cuda', dtype = torch.bfloat16):
-            start = time.perf_counter()
-            outputs[graphs] = run()
-            torch.cuda.synchronize()
-            first = time.perf_counter() - start
-            print(f'modality generation, cuda_graphs={graphs}: first call {first:.2f} s, then {timed(run, 5):.4f} s '
-                  f'(256 tokens, 30 evaluations)', flush = True)
-    difference = (outputs[True].float() - outputs[False].float()).abs().max().item()
-    print(f'modality generation: max |graphed - eager| = {difference:.3g}', flush = True)
+        try:
+            with torch.autocast('cuda', dtype = torch.bfloat16):
+                start = time.perf_counter()
+                outputs[name] = run()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                print(f'modality generation, {name}: first call {first:.2f} s, then {timed(run, 5):.4f} s '
+                      f'(256 tokens, 30 evaluations)', flush = True)
+        except Exception as error:  # the variant must not cost the rest of the profile
+            print(f'modality generation, {name}: failed: {type(error).__name__}: {str(error)[:300]}', flush = True)
+    decoding.COMPILED_STEP_DEVICES = {'cpu'}
+    for name in ('graphed', 'graphed, compiled blocks'):
+        if name in outputs and 'eager' in outputs:
+            difference = (outputs[name].float() - outputs['eager'].float()).abs().max().item()
+            print(f'modality generation: max |{name} - eager| = {difference:.3g}', flush = True)
 
 
 def mixed_step(**transformer_options):

@@ -33,6 +33,15 @@ from .token_layout import step_alibi, step_positions, step_routing
 from .transfer import host_to_device
 
 
+# Devices whose cached steps run through the compiled blocks (when compile_blocks is on).
+# Compiled blocks measured faster on CPU (0.155 -> 0.129 s per 64-token modality, 2 cores) but
+# slower on an H200 with eager steps (0.404 -> 0.475 s per 256-token modality,
+# benchmarks/results/h200_profile.log), before ODE evaluations were replayed as CUDA graphs.
+# Whether fewer, fused kernels pay inside those graphs is what benchmarks/gpu_profile.py
+# measures by adding 'cuda' here.
+COMPILED_STEP_DEVICES = {'cpu'}
+
+
 def check_prompt_fits(row: int, length: int, max_length: int) -> None:
     if length >= max_length:
         raise ValueError(f'sample {row}: the prompt takes {length} tokens, which leaves no room under max_length={max_length}')
@@ -85,13 +94,8 @@ class CachedRunner:
         modulations = None
         if context.token_instance is not None and time_embedding is not None:
             modulations = model.modalities.adaptive.per_block(time_embedding, context.token_instance)
-        # compiled blocks measured faster on CPU (0.155 -> 0.129 s per 64-token modality, 2 cores)
-        # but slower on an H200 (0.404 -> 0.475 s per 256-token modality,
-        # benchmarks/results/h200_profile.log): there the cost is kernel launches, which the
-        # ODE evaluation's CUDA graph removes instead
-        compiled = x.device.type == 'cpu'
         return model.transformer(x, context.positions, context.mask, modulations, cache = context.views,
-                                 compiled = compiled, routing = context.routing)
+                                 compiled = x.device.type in COMPILED_STEP_DEVICES, routing = context.routing)
 
     def _persist(self, context: StepContext) -> None:
         if context.subset is not None:
