@@ -49,7 +49,8 @@ class TransformerConfig:
         layers; the caller routes each token (Transfusion sets 1 + number of modalities when
         modality_experts is on). 1: an ordinary transformer.
     compile_blocks: torch.compile each block for training and full-sequence forwards, and the
-        text decode step of generate_text_only (with CUDA graphs on a GPU).
+        text decode step of generate_text_only (with CUDA graphs on a GPU, a C++ launch
+        wrapper on CPU).
     compile_stack: with compile_blocks, compile the whole stack of blocks as one region instead
         of each block alone: one guard check and one autograd function per forward instead of
         one per block, and fusion across block boundaries, for a compile about twice as long.
