@@ -167,3 +167,38 @@ def test_modality_experts_train_with_gradients_on_present_experts():
     assert all(g is not None for g in grads.values()), 'every expert weight must get a gradient (zero if unused), for DDP'
     assert all(g.abs().sum() > 0 for name, g in grads.items() if '.experts.1.' in name)
     assert all(not g.any() for name, g in grads.items() if '.experts.2.' in name)
+
+
+@pytest.mark.parametrize('experts', [1, 2], ids = ['linear', 'expert_linear'])
+def test_compiled_cpu_projections_add_the_bias_apart_with_eager_values(experts):
+    """Traced for a CPU in fp32, a biased projection is a bias-free product plus an add (which
+    Inductor fuses into the next element-wise kernel, instead of addmm's copy of the bias), and
+    gives eager's outputs and gradients; under autocast it stays one biased linear."""
+    from transfusion_pytorch import experts as experts_module
+    from transfusion_pytorch.experts import Routing
+    layer = experts_module.linear(8, 6, experts)
+    routing = Routing([(0, torch.tensor([0, 2, 3])), (1, torch.tensor([1, 4, 5]))]) if experts == 2 else None
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module.graph)
+        return graph_module.forward
+
+    def project(x):
+        return experts_module.apply(layer, x, routing)
+
+    x = randn(2, 3, 8, requires_grad = True)
+    torch._dynamo.reset()
+    out = torch.compile(project, backend = record, fullgraph = True)(x)
+    expected = project(x)
+    torch.testing.assert_close(out, expected)
+    for grad, grad_expected in zip(torch.autograd.grad(out.sum(), (x, *layer.parameters())),
+                                   torch.autograd.grad(expected.sum(), (x, *layer.parameters()))):
+        torch.testing.assert_close(grad, grad_expected)
+    linears = [node for node in graphs[-1].nodes if node.target is torch._C._nn.linear]
+    assert linears and all(len(node.args) == 2 and node.kwargs.get('bias') is None for node in linears)
+
+    with torch.autocast('cpu', dtype = torch.bfloat16):
+        torch.compile(project, backend = record, fullgraph = True)(x)
+    linears = [node for node in graphs[-1].nodes if node.target is torch._C._nn.linear]
+    assert linears and all(len(node.args) == 3 or node.kwargs.get('bias') is not None for node in linears)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 TEXT_EXPERT = 0
@@ -38,13 +40,13 @@ class ExpertLinear(nn.Module):
     def forward(self, x: Tensor, routing: Routing | None) -> Tensor:
         """Float['b n i'] -> Float['b n o']."""
         if routing is None:
-            return self.experts[TEXT_EXPERT](x)
+            return run_linear(self.experts[TEXT_EXPERT], x)
         if len(routing.groups) == 1 and routing.groups[0][1] is None:
-            return self.experts[routing.groups[0][0]](x)
+            return run_linear(self.experts[routing.groups[0][0]], x)
         flat = x.reshape(-1, x.shape[-1])
         out = flat.new_zeros(flat.shape[0], self.experts[0].out_features)
         for expert, index in routing.groups:
-            out = out.index_copy(0, index, self.experts[expert](flat[index]).to(out.dtype))
+            out = out.index_copy(0, index, run_linear(self.experts[expert], flat[index]).to(out.dtype))
         return out.reshape(*x.shape[:-1], -1)
 
 
@@ -54,4 +56,20 @@ def linear(dim_in: int, dim_out: int, experts: int, bias: bool = True) -> nn.Mod
 
 
 def apply(layer: nn.Module, x: Tensor, routing: Routing | None) -> Tensor:
-    return layer(x, routing) if isinstance(layer, ExpertLinear) else layer(x)
+    return layer(x, routing) if isinstance(layer, ExpertLinear) else run_linear(layer, x)
+
+
+def run_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x), with the bias added apart from the product when compiled for a CPU in fp32.
+
+    There Inductor keeps the fused addmm, which first copies the broadcast bias into the output
+    and then accumulates the product onto it. In the compiled 64-token modality step on 2 cores
+    the feed-forward's 256 -> 1364 addmm took 190 us plus a 45 us copy of the bias (profiler),
+    where the product alone takes 165 us; added apart, the bias joins the element-wise kernel
+    that follows (a whole 30-evaluation call ~4% faster). On GPUs Inductor unfuses such adds itself, except
+    in half precision, where adding the bias to the unrounded product is more accurate: under
+    autocast the fused form stays here too."""
+    if (layer.bias is not None and torch.compiler.is_compiling() and x.device.type == 'cpu'
+            and x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')):
+        return F.linear(x, layer.weight) + layer.bias
+    return layer(x)
