@@ -4,8 +4,9 @@ Records every matrix product (aten mm / addmm / bmm / baddbmm) that one eager ca
 `gen_modality` workload makes with our model (the same shapes, steps and settings as
 `workloads.py --workload gen_modality`), then:
 
-- replays just those products, in the order recorded, on random tensors of the same shapes and
-  strides (shared between calls of the same layout, so the replay reads less memory than the
+- replays just those products, in the order recorded, as plain mm / bmm (an addmm's bias is
+  left out: compiled CPU code adds it in the next element-wise kernel, see
+  `experts.run_linear`), on random tensors of the same shapes and strides (shared between calls of the same layout, so the replay reads less memory than the
   network does), in fp32 and in bf16 (what autocast would run). Attention, norms, element-wise
   work and the ODE are left out; each product still pays PyTorch's dispatch and an output
   allocation, a few microseconds, so this is the speed of PyTorch's CPU kernels at these
@@ -32,13 +33,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads  # noqa: E402  (benchmarks/ is not a package)
 
+PRODUCT_OF = {torch.ops.aten.addmm.default: torch.ops.aten.mm.default,
+              torch.ops.aten.baddbmm.default: torch.ops.aten.bmm.default}
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
            torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
 
 
 class RecordMatmuls(TorchDispatchMode):
-    """Records (op, [(shape, stride) of each input]) of every matrix product dispatched while
-    active: strides too, since a weight enters as a transposed view and layout changes speed."""
+    """Records (product op, [(shape, stride) of its two operands]) of every matrix product
+    dispatched while active: strides too, since a weight enters as a transposed view and layout
+    changes speed."""
 
     def __init__(self):
         super().__init__()
@@ -46,12 +50,14 @@ class RecordMatmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args = (), kwargs = None):
         if func in MATMULS:
-            self.calls.append((func, [(tuple(a.shape), a.stride()) for a in args if torch.is_tensor(a)]))
+            product = PRODUCT_OF.get(func, func)
+            operands = [a for a in args if torch.is_tensor(a)][-2:]      # addmm / baddbmm: (bias, a, b)
+            self.calls.append((product, [(tuple(a.shape), a.stride()) for a in operands]))
         return func(*args, **(kwargs or {}))
 
 
 def flops(func, inputs) -> int:
-    (a, _), (b, _) = inputs[-2:]            # addmm / baddbmm: (bias, a, b)
+    (a, _), (b, _) = inputs
     batch = a[0] if len(a) == 3 else 1
     return 2 * batch * a[-2] * a[-1] * b[-1]
 
