@@ -1,5 +1,6 @@
-"""Pieces shared by the example scripts: process-group setup for torchrun, the training loop
-with its progress bar, checkpoints, the loss-curve figure and the metrics file.
+"""Pieces shared by the example scripts: their common command-line options, process-group setup
+for torchrun, the training loop with its progress bar, checkpoints, the loss-curve figure and
+the metrics file.
 
 The examples run unchanged as `python examples/<script>.py` (one process) and as
 `torchrun --nproc_per_node=N examples/<script>.py` (DistributedDataParallel over gloo on CPU,
@@ -7,6 +8,7 @@ NCCL on GPUs); only rank 0 shows progress and writes outputs.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -147,8 +149,44 @@ def plot_loss_curve(losses: list[float], path: Path, title: str, ylabel: str = '
     plt.close(figure)
 
 
+def run_facts(args, env: Distributed, model: nn.Module, seconds: float, losses: list[float]) -> dict:
+    """What every example's metrics.json records about the run: time, schedule, workers, size,
+    and the mean training loss over the last 50 steps."""
+    return dict(training_seconds = seconds, steps = args.steps, batch_size = args.batch_size, workers = env.world_size,
+                threads_per_worker = torch.get_num_threads(), parameters = sum(p.numel() for p in model.parameters()),
+                final_loss = sum(losses[-50:]) / len(losses[-50:]))
+
+
 def write_json(data: dict, path: Path) -> None:
     path.write_text(json.dumps(data, indent = 2) + '\n')
+
+
+def training_parser(description: str, *, steps: int, batch_size: int, batch_unit: str, lr: float) -> argparse.ArgumentParser:
+    """A parser with the options every training example has: schedule and model size. The
+    script adds its own, then calls `parse_with_smoke`."""
+    p = argparse.ArgumentParser(description = description, formatter_class = argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--steps', type = int, default = steps, help = 'optimizer steps')
+    p.add_argument('--batch-size', type = int, default = batch_size, help = f'{batch_unit} per step, over all workers')
+    p.add_argument('--lr', type = float, default = lr)
+    p.add_argument('--warmup', type = int, default = 100)
+    p.add_argument('--dim', type = int, default = 128)
+    p.add_argument('--depth', type = int, default = 4)
+    p.add_argument('--heads', type = int, default = 4, help = 'attention heads (head width dim / heads)')
+    return p
+
+
+def parse_with_smoke(p: argparse.ArgumentParser, argv: list[str] | None, output: Path, smoke: dict) -> argparse.Namespace:
+    """Add the run options (seed, threads, output folder, --smoke) and parse; --smoke replaces
+    the settings in `smoke` with tiny ones, for the tests."""
+    p.add_argument('--seed', type = int, default = 0)
+    p.add_argument('--threads', type = int, default = None, help = 'torch threads per process')
+    p.add_argument('--output', type = Path, default = output)
+    p.add_argument('--smoke', action = 'store_true', help = 'a few steps with tiny settings (tests)')
+    args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in smoke.items():
+            setattr(args, key, value)
+    return args
 
 
 def set_threads(threads: int | None) -> None:

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
 from common import (Distributed, default_device, launch_and_report, plot_loss_curve, save_checkpoint,  # noqa: E402
-                    train, write_json)
+                    parse_with_smoke, run_facts, train, training_parser, write_json)
 from digits_data import Batches, load_splits, to_latents  # noqa: E402
 from digits_eval import (caption, fit_judge, frechet_distance_pca, generate_by_label,  # noqa: E402
                          held_out_losses, judge_accuracy, save_grid)
@@ -39,14 +39,7 @@ SMOKE = dict(steps = 30, batch_size = 16, dim = 32, depth = 1, per_label = 2, ev
 
 
 def parse_args(argv = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--steps', type = int, default = 1500, help = 'optimizer steps')
-    p.add_argument('--batch-size', type = int, default = 64, help = 'samples per step, over all workers')
-    p.add_argument('--lr', type = float, default = 1e-3)
-    p.add_argument('--warmup', type = int, default = 100)
-    p.add_argument('--dim', type = int, default = 128)
-    p.add_argument('--depth', type = int, default = 4)
-    p.add_argument('--heads', type = int, default = 4, help = 'attention heads (head width dim / heads)')
+    p = training_parser(__doc__, steps = 1500, batch_size = 64, batch_unit = 'samples', lr = 1e-3)
     p.add_argument('--patch', type = int, default = 2, choices = (1, 2, 4), help = 'pixels per latent patch side')
     p.add_argument('--causal-image-attention', action = 'store_true',
                    help = 'ablation: attention inside an image causal (raster order) instead of bidirectional')
@@ -57,15 +50,7 @@ def parse_args(argv = None) -> argparse.Namespace:
     p.add_argument('--modality-steps', type = int, default = 16, help = 'midpoint ODE steps per image')
     p.add_argument('--per-label', type = int, default = 50, help = 'generated images per label for the metrics')
     p.add_argument('--eval-images', type = int, default = None, help = 'held-out images to caption (default: all)')
-    p.add_argument('--seed', type = int, default = 0)
-    p.add_argument('--threads', type = int, default = None, help = 'torch threads per process')
-    p.add_argument('--output', type = Path, default = Path('outputs/digits'))
-    p.add_argument('--smoke', action = 'store_true', help = 'a few steps with tiny settings (tests)')
-    args = p.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    return args
+    return parse_with_smoke(p, argv, Path('outputs/digits'), SMOKE)
 
 
 def build_model(args: argparse.Namespace) -> Transfusion:
@@ -154,10 +139,7 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
     plot_loss_curve(losses, args.output / 'loss.png', 'Transfusion on 8x8 digits (text + flow loss)')
     checkpoint = save_checkpoint(model, args.output)
     metrics = dict(
-        **evaluate(model, args, train_split, test_split),
-        training_seconds = seconds, steps = args.steps, batch_size = args.batch_size, workers = env.world_size,
-        threads_per_worker = torch.get_num_threads(), final_loss = sum(losses[-50:]) / len(losses[-50:]),
-        parameters = sum(p.numel() for p in model.parameters()),
+        **evaluate(model, args, train_split, test_split), **run_facts(args, env, model, seconds, losses),
         config = dict(patch = args.patch, causal_image_attention = args.causal_image_attention,
                       noise_limit = args.noise_limit, cfg_scale = args.cfg_scale, modality_steps = args.modality_steps,
                       seed = args.seed, checkpoint = str(checkpoint)),

@@ -37,7 +37,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
-from common import Distributed, default_device, launch_and_report, plot_loss_curve, train, write_json  # noqa: E402
+from common import (Distributed, default_device, launch_and_report, parse_with_smoke, plot_loss_curve,  # noqa: E402
+                    run_facts, train, training_parser, write_json)
 from transfusion_pytorch import Transfusion  # noqa: E402
 
 SMOKE = dict(steps = 30, batch_size = 16, dim = 32, depth = 1, heads = 2, samples = 48, modality_steps = 2, warmup = 5,
@@ -45,14 +46,7 @@ SMOKE = dict(steps = 30, batch_size = 16, dim = 32, depth = 1, heads = 2, sample
 
 
 def parse_args(argv = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--steps', type = int, default = 1500, help = 'optimizer steps')
-    p.add_argument('--batch-size', type = int, default = 64, help = 'patches per step, over all workers')
-    p.add_argument('--lr', type = float, default = 1e-3)
-    p.add_argument('--warmup', type = int, default = 100)
-    p.add_argument('--dim', type = int, default = 128)
-    p.add_argument('--depth', type = int, default = 4)
-    p.add_argument('--heads', type = int, default = 4, help = 'attention heads (head width dim / heads)')
+    p = training_parser(__doc__, steps = 1500, batch_size = 64, batch_unit = 'patches', lr = 1e-3)
     p.add_argument('--downsample', type = int, default = 2, help = 'average-pool the photos by this factor first')
     p.add_argument('--image-size', type = int, default = 8, help = 'patch side in (pooled) pixels: one training image')
     p.add_argument('--token-size', type = int, default = 2, help = 'pixels per latent token side')
@@ -60,14 +54,7 @@ def parse_args(argv = None) -> argparse.Namespace:
     p.add_argument('--samples', type = int, default = 400, help = 'generated patches for the metrics')
     p.add_argument('--eval-patches', type = int, default = None, help = 'held-out patches for the flow loss (default: all)')
     p.add_argument('--modality-steps', type = int, default = 16, help = 'midpoint ODE steps per generated patch')
-    p.add_argument('--seed', type = int, default = 0)
-    p.add_argument('--threads', type = int, default = None, help = 'torch threads per process')
-    p.add_argument('--output', type = Path, default = Path('outputs/photo_patches'))
-    p.add_argument('--smoke', action = 'store_true', help = 'a few steps with tiny settings (tests)')
-    args = p.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
+    args = parse_with_smoke(p, argv, Path('outputs/photo_patches'), SMOKE)
     if args.image_size % args.token_size:
         p.error('--image-size must be a multiple of --token-size')
     return args
@@ -261,8 +248,7 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
     plot_loss_curve(losses, args.output / 'loss.png', 'Transfusion, modality-only on photo patches (flow loss)')
     metrics = dict(
         **evaluate(model, untrained, args, train_images, test_images),
-        training_seconds = seconds, steps = args.steps, batch_size = args.batch_size, workers = env.world_size,
-        final_loss = sum(losses[-50:]) / len(losses[-50:]), parameters = sum(p.numel() for p in model.parameters()),
+        **run_facts(args, env, model, seconds, losses),
         train_patches = len(train_images), held_out_patches = len(test_images),
         config = dict(downsample = args.downsample, image_size = args.image_size, token_size = args.token_size,
                       dim = args.dim, depth = args.depth, modality_steps = args.modality_steps, seed = args.seed),

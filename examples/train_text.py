@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also under torchrun
 
 from common import (Distributed, default_device, launch_and_report, plot_loss_curve, save_checkpoint,  # noqa: E402
-                    train, write_json)
+                    parse_with_smoke, run_facts, train, training_parser, write_json)
 from transfusion_pytorch import Transfusion  # noqa: E402
 
 VOCAB = 128
@@ -39,27 +39,12 @@ SMOKE = dict(steps = 20, batch_size = 8, seq_len = 64, dim = 32, depth = 1, trai
 
 
 def parse_args(argv = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--steps', type = int, default = 1000)
-    p.add_argument('--batch-size', type = int, default = 32, help = 'sequences per step, over all workers')
+    p = training_parser(__doc__, steps = 1000, batch_size = 32, batch_unit = 'sequences', lr = 2e-3)
     p.add_argument('--seq-len', type = int, default = 128)
-    p.add_argument('--lr', type = float, default = 2e-3)
-    p.add_argument('--warmup', type = int, default = 100)
-    p.add_argument('--dim', type = int, default = 128)
-    p.add_argument('--depth', type = int, default = 4)
-    p.add_argument('--heads', type = int, default = 4, help = 'attention heads (head width dim / heads)')
     p.add_argument('--train-chars', type = int, default = 4_000_000, help = 'characters of training text to load')
     p.add_argument('--eval-chars', type = int, default = 100_000, help = 'held-out characters to score')
     p.add_argument('--sample-length', type = int, default = 124, help = 'characters to sample (at most seq-len minus the prompt)')
-    p.add_argument('--seed', type = int, default = 0)
-    p.add_argument('--threads', type = int, default = None, help = 'torch threads per process')
-    p.add_argument('--output', type = Path, default = Path('outputs/text'))
-    p.add_argument('--smoke', action = 'store_true', help = 'a few steps with tiny settings (tests)')
-    args = p.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    return args
+    return parse_with_smoke(p, argv, Path('outputs/text'), SMOKE)
 
 
 def stable_hash(text: str) -> int:
@@ -179,14 +164,12 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
     plot_loss_curve([loss / math.log(2) for loss in losses], args.output / 'loss.png',
                     'character-level LM on Python stdlib sources', ylabel = 'training bits per character')
     checkpoint = save_checkpoint(model, args.output)
+    facts = run_facts(args, env, model, seconds, losses)
     metrics = dict(
         bits_per_char = bits_per_char(model, held_out, args.seq_len),
         unigram_bits_per_char = unigram_bits_per_char(train_stream, held_out),
-        final_train_bits_per_char = sum(losses[-50:]) / len(losses[-50:]) / math.log(2),
-        training_seconds = seconds, steps = args.steps, batch_size = args.batch_size, seq_len = args.seq_len,
-        train_chars = len(train_stream), held_out_chars = len(held_out), workers = env.world_size,
-        threads_per_worker = torch.get_num_threads(), parameters = sum(p.numel() for p in model.parameters()),
-        checkpoint = str(checkpoint),
+        final_train_bits_per_char = facts.pop('final_loss') / math.log(2), **facts, seq_len = args.seq_len,
+        train_chars = len(train_stream), held_out_chars = len(held_out), checkpoint = str(checkpoint),
     )
     write_sample(model, args)
     write_json(metrics, args.output / 'metrics.json')
