@@ -6,9 +6,10 @@ Records every matrix product (aten mm / addmm / bmm / baddbmm) that one eager ca
 
 - replays just those products, in the order recorded, as plain mm / bmm (an addmm's bias is
   left out: compiled CPU code adds it in the next element-wise kernel, see
-  `experts.run_linear`), on random tensors of the same shapes and strides (shared between calls of the same layout, so the replay reads less memory than the
-  network does), in fp32 and in bf16 (what autocast would run). Attention, norms, element-wise
-  work and the ODE are left out; each product still pays PyTorch's dispatch and an output
+  `experts.run_linear`), on random tensors of the same shapes and strides (shared between
+  calls of the same layout, so the replay reads less memory than the network does), in fp32
+  and in bf16 (what autocast would run). Attention, norms, element-wise work and the ODE are
+  left out; each product still pays PyTorch's dispatch and an output
   allocation, a few microseconds, so this is the speed of PyTorch's CPU kernels at these
   shapes rather than a strict floor;
 - divides the products' FLOPs by the machine's square-matmul rate (fp32 2048^3, measured here):
@@ -35,8 +36,7 @@ import workloads  # noqa: E402  (benchmarks/ is not a package)
 
 PRODUCT_OF = {torch.ops.aten.addmm.default: torch.ops.aten.mm.default,
               torch.ops.aten.baddbmm.default: torch.ops.aten.bmm.default}
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
-           torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, *PRODUCT_OF}
 
 
 class RecordMatmuls(TorchDispatchMode):
