@@ -2,7 +2,7 @@
 
 Records every matrix product (aten mm / addmm / bmm / baddbmm) that one eager call of the
 `gen_modality` workload makes with our model (the same shapes, steps and settings as
-`workloads.py --workload gen_modality`), then:
+`worker.py --workload gen_modality`), then:
 
 - replays just those products, in the order recorded, as plain mm / bmm (an addmm's bias is
   left out: compiled CPU code adds it in the next element-wise kernel, see

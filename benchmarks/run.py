@@ -1,7 +1,7 @@
 """Side-by-side benchmark of our `transfusion_pytorch` against the peer (transfusion-pytorch==0.20.0).
 
 Both libraries import as `transfusion_pytorch`, so each side runs in its own subprocess
-(`benchmarks/workloads.py --side ours|peer ...`) under its own interpreter / PYTHONPATH, and
+(`benchmarks/worker.py --side ours|peer ...`) under its own interpreter / PYTHONPATH, and
 prints one JSON line that this driver collects. Per workload the two sides ALTERNATE, for
 `--rounds` rounds (ours, peer, peer, ours, ...: the order flips each round), each subprocess
 doing its warm-up (excluded) and `--repeats` timed calls. Reported figures are medians over
@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
-WORKER = HERE / 'workloads.py'
+WORKER = HERE / 'worker.py'
 WORKLOADS = ('mixed_train', 'text_train', 'gen_text', 'gen_modality')
 DEFAULTS = {'cpu': dict(repeats=5, rounds=2), 'gpu': dict(repeats=5, rounds=1)}
 
@@ -56,6 +56,8 @@ def run_worker(args, side: str, workload: str, flops: bool) -> dict:
         cmd += ['--kwargs', kwargs]
     if not flops:
         cmd.append('--no-flops')
+    if args.cpu_bf16:
+        cmd.append('--cpu-bf16')
     started = time.perf_counter()
     timeout = args.timeout
     if args.budget:
@@ -144,7 +146,7 @@ def describe(results: list[dict]):
             print(f"NOTE {r['side']} {r['workload']}: fell back to {r['fallback']['kwargs']}: {r['fallback']['reason']}")
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--size', choices=('cpu', 'gpu'), default='cpu')
     p.add_argument('--workloads', nargs='+', choices=WORKLOADS, default=list(WORKLOADS))
@@ -157,6 +159,7 @@ def main():
     p.add_argument('--peer-pythonpath', default='', help='PYTHONPATH for the peer (GPU: /tmp/peer_site)')
     p.add_argument('--ours-kwargs', default='', help='JSON merged into our constructor kwargs')
     p.add_argument('--peer-kwargs', default='', help='JSON merged into the peer constructor kwargs')
+    p.add_argument('--cpu-bf16', action='store_true', help='CPU size: both sides under bf16 autocast (default fp32)')
     p.add_argument('--timeout', type=float, default=600, help='seconds per subprocess')
     p.add_argument('--budget', type=float, help='total seconds: later subprocesses are cut short or skipped')
     p.add_argument('--no-peak', action='store_true', help='skip the matmul peak (no MFU)')
@@ -166,7 +169,44 @@ def main():
     for key, value in DEFAULTS[args.size].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
 
+
+def run_rounds(args, workload: str, sides: list[str], results: list[dict]) -> dict:
+    """`args.rounds` alternating rounds of one workload; the runs per side."""
+    per_side = {s: [] for s in sides}
+    for rnd in range(args.rounds):
+        for side in (sides if rnd % 2 == 0 else sides[::-1]):
+            r = run_worker(args, side, workload, flops=rnd == 0)
+            r['round'] = rnd
+            results.append(r)
+            per_side[side].append(r)
+            status = f"ERROR {r['error']}" if 'error' in r else \
+                f"median {statistics.median(r['times_s']) * 1e3:.1f} ms/call over {len(r['times_s'])}"
+            print(f"[{workload} round {rnd} {side}] {status} ({r['wall_s']:.0f}s wall)", flush=True)
+            if 'error' in r:
+                print('    ' + r['stderr_tail'][-1500:].replace('\n', '\n    '), flush=True)
+    return per_side
+
+
+def report(args, summary: dict, results: list[dict], peak: float | None, sides: list[str]):
+    print()
+    describe(results)
+    print()
+    print_table(summary, peak, sides)
+    nfes = {s: summary.get('gen_modality', {}).get(s) for s in sides}
+    if len(sides) == 2 and all(nfes.values()) and nfes['ours']['nfe'] != nfes['peer']['nfe']:
+        print(f"\nWARNING gen_modality does unequal work: NFE ours {nfes['ours']['nfe']} vs peer "
+              f"{nfes['peer']['nfe']}; set MODALITY_STEPS in benchmarks/workloads.py so they match.")
+    print('\nspeedup: ours over peer (> 1 = ours faster); FLOP/tok: forward+backward of one training '
+          'step (FlopCounterMode, attention counted dense), for gen_modality the forward FLOPs of one '
+          'whole call per latent token; MFU: FLOP/tok x tok/s / matmul peak; '
+          'mem: ' + ('CUDA max allocated' if args.size == 'gpu' else 'CPU RSS high-water growth') + '; '
+          'precision: ' + ('bf16 autocast' if args.size == 'gpu' or args.cpu_bf16 else 'fp32') + '.')
+
+
+def main():
+    args = parse_args()
     sides = [args.only] if args.only else ['ours', 'peer']
     results, summary, peak = [], {}, None
 
@@ -183,33 +223,10 @@ def main():
               f"{r.get('device_name', r.get('device'))})" + (f"  ERROR {r['error']}" if 'error' in r else ''), flush=True)
 
     for workload in args.workloads:
-        per_side = {s: [] for s in sides}
-        for rnd in range(args.rounds):
-            for side in (sides if rnd % 2 == 0 else sides[::-1]):
-                r = run_worker(args, side, workload, flops=rnd == 0)
-                r['round'] = rnd
-                results.append(r)
-                per_side[side].append(r)
-                status = f"ERROR {r['error']}" if 'error' in r else \
-                    f"median {statistics.median(r['times_s']) * 1e3:.1f} ms/call over {len(r['times_s'])}"
-                print(f"[{workload} round {rnd} {side}] {status} ({r['wall_s']:.0f}s wall)", flush=True)
-                if 'error' in r:
-                    print('    ' + r['stderr_tail'][-1500:].replace('\n', '\n    '), flush=True)
+        per_side = run_rounds(args, workload, sides, results)
         summary[workload] = {s: summarize(per_side[s]) for s in sides}
         save()
-
-    print()
-    describe(results)
-    print()
-    print_table(summary, peak, sides)
-    nfes = {s: summary.get('gen_modality', {}).get(s) for s in sides}
-    if len(sides) == 2 and all(nfes.values()) and nfes['ours']['nfe'] != nfes['peer']['nfe']:
-        print(f"\nWARNING gen_modality does unequal work: NFE ours {nfes['ours']['nfe']} vs peer "
-              f"{nfes['peer']['nfe']}; set MODALITY_STEPS in benchmarks/workloads.py so they match.")
-    print('\nspeedup: ours over peer (> 1 = ours faster); FLOP/tok: forward+backward of one training '
-          'step (FlopCounterMode, attention counted dense), for gen_modality the forward FLOPs of one '
-          'whole call per latent token; MFU: FLOP/tok x tok/s / matmul peak; '
-          'mem: ' + ('CUDA max allocated' if args.size == 'gpu' else 'CPU RSS high-water growth') + '.')
+    report(args, summary, results, peak, sides)
     save()
 
 

@@ -1,9 +1,8 @@
 """Benchmark workloads for `transfusion_pytorch`: ours and the peer (transfusion-pytorch==0.20.0).
 
-Both libraries have the import name `transfusion_pytorch`, so this file never sees both at
-once: `run.py` starts it as a worker under each side's interpreter and reads the JSON it prints.
-
-    python benchmarks/workloads.py --side peer --workload text_train --size cpu --repeats 5
+The per-side settings, the sizes, and the four workloads as tasks. Both libraries have the
+import name `transfusion_pytorch`, so no process ever sees both: `worker.py` runs one workload
+for one side and prints JSON; `run.py` starts workers under each side's interpreter.
 
 Workloads (each is a function `(model, cfg) -> Task`; `Task.step` is what gets timed):
 
@@ -22,25 +21,15 @@ Workloads (each is a function `(model, cfg) -> Task`; `Task.step` is what gets t
                     of that call per latent token.
     matmul_peak     the card's matmul peak (bf16 8192^3 on CUDA, fp32 2048^3 on CPU), for MFU.
 
-Timing: `warmup` untimed calls (compilation, autotuning, the peer's strategy router), then
-`repeats` calls, each bracketed by device synchronisation; the worker reports every time.
-Precision: bf16 autocast on CUDA (fp32 master weights), plain fp32 on CPU, for both sides.
-Peak memory: CUDA `max_memory_allocated` over the timed calls (weights + optimizer state +
-activations); CPU: growth of the resident set's high-water mark (VmHWM, reset through
-/proc/self/clear_refs where allowed) over the resident size before the first call.
-FLOPs: `torch.utils.flop_counter.FlopCounterMode` over forward + backward of a one-sample
-batch of the same per-sample structure (FLOPs per token do not depend on batch size), with
-`torch.compile` forced eager. It counts matmul-like ops; attention counts as dense
-(masked-out blocks are not subtracted) on both sides.
+Precision: bf16 autocast on CUDA (fp32 master weights), plain fp32 on CPU, for both sides;
+`cfg['cpu_bf16']` (the worker's `--cpu-bf16`) puts both sides under bf16 autocast on CPU too,
+and the CPU matmul peak is then measured in bf16.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -142,9 +131,11 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing on CPU (fp32)."""
-    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+def autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA; on CPU fp32, or bf16 autocast when asked (`cpu_bf16`)."""
+    if device.type == 'cuda' or cpu_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def sync(device: torch.device):
@@ -156,24 +147,6 @@ def force_eager():
     """Run torch.compile'd code eagerly (FLOP counting, hooks); no-op on old torch."""
     set_stance = getattr(torch.compiler, 'set_stance', None)
     return set_stance('force_eager') if set_stance else nullcontext()
-
-
-def proc_status_kib(field_name: str) -> int | None:
-    try:
-        for line in Path('/proc/self/status').read_text().splitlines():
-            if line.startswith(field_name + ':'):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_rss_peak() -> bool:
-    try:
-        Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def check_side(side: str, module) -> dict:
@@ -221,13 +194,14 @@ def build_model(side: str, cfg: dict, device: torch.device, extra_kwargs: dict |
 # ---------------------------------------------------------------------------------------------
 # workloads
 
-def make_train_task(model, batch, flop_batch, tokens: int, flop_tokens: int, device) -> Task:
+def make_train_task(model, cfg, batch, flop_batch, tokens: int, flop_tokens: int) -> Task:
     """forward loss + backward + AdamW step, the same for both sides."""
+    device = next(model.parameters()).device
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
 
     def forward_backward(b):
-        with autocast(device):
+        with autocast(device, cfg.get('cpu_bf16', False)):
             loss = model(b)
         loss.backward()
 
@@ -257,7 +231,7 @@ def mixed_train(model, cfg) -> Task:
 
     batch = [sample() for _ in range(cfg['mixed_batch'])]
     per_sample = sum(cfg['mixed_lengths'])
-    task = make_train_task(model, batch, [sample()], per_sample * len(batch), per_sample, device)
+    task = make_train_task(model, cfg, batch, [sample()], per_sample * len(batch), per_sample)
     task.info = dict(batch=cfg['mixed_batch'], lengths=list(cfg['mixed_lengths']))
     return task
 
@@ -266,7 +240,7 @@ def text_train(model, cfg) -> Task:
     device, gen = next(model.parameters()).device, torch.Generator().manual_seed(2)
     b, n = cfg['text_batch'], cfg['text_len']
     batch = torch.randint(0, 256, (b, n), generator=gen).to(device)
-    task = make_train_task(model, batch, batch[:1], b * n, n, device)
+    task = make_train_task(model, cfg, batch, batch[:1], b * n, n)
     task.info = dict(batch=b, seq_len=n)
     return task
 
@@ -277,7 +251,7 @@ def gen_text(model, cfg) -> Task:
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
 
     def step():
-        with autocast(device):
+        with autocast(device, cfg.get('cpu_bf16', False)):
             return model.generate_text_only(prompt, 1 + n, temperature=1.0, min_p=0.1, cache_kv=True)
 
     return Task(step, n, 'tok', info=dict(prompt=[1, 1], new_tokens=n, seq_len=1 + n))
@@ -288,7 +262,7 @@ def gen_modality(model, cfg) -> Task:
     model.eval()
 
     def step(**options):
-        with autocast(device):
+        with autocast(device, cfg.get('cpu_bf16', False)):
             return model.generate_modality_only(batch_size=1, modality_type=0,
                                                 fixed_modality_shape=(n,), modality_steps=steps, **options)
 
@@ -298,43 +272,9 @@ def gen_modality(model, cfg) -> Task:
     return Task(step, 1, 'sample', info=dict(latent_tokens=n, modality_steps=steps), count_step=lambda: step(**eager))
 
 
-def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float | None]:
-    """Network evaluations in one call of `task.step` (a forward pre-hook on the network) and
-    the FLOPs that call does (FlopCounterMode; compiled code forced eager, no CUDA graphs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    net = model
-    for name in NFE_MODULE_ATTR[side].split('.'):
-        net = getattr(net, name, None)
-    calls = []
-    handle = net.register_forward_pre_hook(lambda *_: calls.append(1)) if net is not None else None
-    counter = FlopCounterMode(display=False)
-    try:
-        try:
-            with force_eager(), counter:
-                task.count_step()
-            flops = counter.get_total_flops()
-        except Exception:   # e.g. the peer's eager flex attention under a dispatch mode: NFE only
-            calls.clear()
-            with force_eager():
-                task.count_step()
-            flops = None
-    finally:
-        if handle is not None:
-            handle.remove()
-    return (len(calls) if net is not None else None), flops
-
-
-def count_flops_per_token(task: Task) -> float | None:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with force_eager(), counter:
-        task.flop_step()
-    return counter.get_total_flops() / task.flop_tokens
-
-
-def matmul_peak(device: torch.device, warmup: int, repeats: int) -> dict:
-    """Median FLOP/s of a square matmul: bf16 8192^3 on CUDA, fp32 2048^3 on CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == 'cuda' else (2048, torch.float32)
+def matmul_peak(device: torch.device, warmup: int, repeats: int, cpu_bf16: bool = False) -> dict:
+    """Median FLOP/s of a square matmul: bf16 8192^3 on CUDA, 2048^3 on CPU (fp32, or bf16)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == 'cuda' else (2048, torch.bfloat16 if cpu_bf16 else torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     times = []
     repeats = max(repeats, 20)  # one matmul is short: more repeats cost nothing
@@ -349,99 +289,3 @@ def matmul_peak(device: torch.device, warmup: int, repeats: int) -> dict:
 
 
 WORKLOADS = dict(mixed_train=mixed_train, text_train=text_train, gen_text=gen_text, gen_modality=gen_modality)
-
-
-# ---------------------------------------------------------------------------------------------
-# worker
-
-def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | None,
-                 extra_kwargs: dict | None, flops: bool) -> dict:
-    device = torch.device('cuda' if size == 'gpu' else 'cpu')
-    cfg = dict(SIZES[size], side=side)
-    warmup = max(1, cfg['warmup'][name] if warmup is None else warmup)  # the first call is a warm-up
-    result = dict(side=side, workload=name, size=size, device=str(device), torch=torch.__version__,
-                  threads=torch.get_num_threads(), repeats=repeats, warmup=warmup)
-    if device.type == 'cuda':
-        result['device_name'] = torch.cuda.get_device_name()
-
-    if name == 'matmul_peak':
-        result.update(matmul_peak(device, warmup, repeats))
-        return result
-
-    model, info = build_model(side, cfg, device, extra_kwargs)
-    task = WORKLOADS[name](model, cfg)
-    fallback = (PEER_FALLBACK_KWARGS if side == 'peer' else OURS_FALLBACK_KWARGS)[device.type]
-    try:
-        task.step()  # first warm-up call
-    except Exception as err:
-        if fallback is None:
-            raise
-        result['fallback'] = dict(reason=f'{type(err).__name__}: {err}'[:500], kwargs=fallback)
-        del model, task
-        model, info = build_model(side, cfg, device, deep_merge(extra_kwargs or {}, fallback))
-        task = WORKLOADS[name](model, cfg)
-        task.step()
-    result.update(info, model_config=dict(transformer=cfg['transformer'], dim_latent=cfg['dim_latent']))
-    result.update(unit=task.unit, work_per_step=task.work, workload_config=task.info)
-
-    for _ in range(warmup - 1):
-        task.step()
-    sync(device)
-
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    rss_reset = reset_rss_peak()
-    rss_before = proc_status_kib('VmRSS')
-
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = task.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    result['times_s'] = times
-
-    if device.type == 'cuda':
-        result.update(peak_mem_mib=torch.cuda.max_memory_allocated() / 2 ** 20, mem_kind='cuda max allocated')
-    elif rss_before is not None:
-        result.update(peak_mem_mib=(proc_status_kib('VmHWM') - rss_before) / 1024,
-                      mem_kind='cpu RSS high-water growth' + ('' if rss_reset else ' (HWM not reset)'))
-
-    if torch.is_tensor(out):
-        result['output_shape'] = list(out.shape)
-    if name == 'gen_modality':   # FLOP/tok here: forward FLOPs of one whole call per latent token
-        result['nfe'], flops = count_nfe_and_flops(model, task, side)
-        result['flops_per_token'] = flops / cfg['modality_len'] if flops is not None else None
-    if flops and task.flop_step is not None:
-        try:
-            result['flops_per_token'] = count_flops_per_token(task)
-        except Exception as err:  # a FLOP-count failure must not lose the timing
-            result['flops_error'] = f'{type(err).__name__}: {err}'[:500]
-    return result
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--side', choices=('ours', 'peer'), required=True)
-    parser.add_argument('--workload', choices=(*WORKLOADS, 'matmul_peak'), required=True)
-    parser.add_argument('--size', choices=tuple(SIZES), default='cpu')
-    parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--warmup', type=int, default=None, help='default: per workload and size')
-    parser.add_argument('--kwargs', default='{}', help='JSON merged into the constructor kwargs')
-    parser.add_argument('--no-flops', action='store_true')
-    args = parser.parse_args()
-
-    try:
-        result = run_workload(args.side, args.workload, args.size, args.repeats, args.warmup,
-                              json.loads(args.kwargs), not args.no_flops)
-    except Exception as err:
-        import traceback
-        traceback.print_exc(file=sys.stderr)
-        result = dict(side=args.side, workload=args.workload, size=args.size,
-                      error=f'{type(err).__name__}: {err}'[:1000])
-    print('BENCH_JSON ' + json.dumps(result), flush=True)
-
-
-if __name__ == '__main__':
-    main()

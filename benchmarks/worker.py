@@ -1,0 +1,191 @@
+"""Benchmark worker: one workload, one side, one process; prints one `BENCH_JSON {...}` line.
+
+    python benchmarks/worker.py --side peer --workload text_train --size cpu --repeats 5
+
+`run.py` starts it under each side's interpreter (both libraries import as
+`transfusion_pytorch`) and reads the JSON. The workloads and per-side settings: `workloads.py`.
+
+Timing: `warmup` untimed calls (compilation, autotuning, the peer's strategy router), then
+`repeats` calls, each bracketed by device synchronisation; the worker reports every time.
+Peak memory: CUDA `max_memory_allocated` over the timed calls (weights + optimizer state +
+activations); CPU: growth of the resident set's high-water mark (VmHWM, reset through
+/proc/self/clear_refs where allowed) over the resident size before the first call.
+FLOPs: `torch.utils.flop_counter.FlopCounterMode` over forward + backward of a one-sample
+batch of the same per-sample structure (FLOPs per token do not depend on batch size), with
+`torch.compile` forced eager. It counts matmul-like ops; attention counts as dense
+(masked-out blocks are not subtracted) on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from workloads import (NFE_MODULE_ATTR, OURS_FALLBACK_KWARGS, PEER_FALLBACK_KWARGS, SIZES, WORKLOADS,
+                       Task, build_model, deep_merge, force_eager, matmul_peak, sync)
+
+
+def proc_status_kib(field_name: str) -> int | None:
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith(field_name + ':'):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_rss_peak() -> bool:
+    try:
+        Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+
+def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float | None]:
+    """Network evaluations in one call of `task.step` (a forward pre-hook on the network) and
+    the FLOPs that call does (FlopCounterMode; compiled code forced eager, no CUDA graphs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net = model
+    for name in NFE_MODULE_ATTR[side].split('.'):
+        net = getattr(net, name, None)
+    calls = []
+    handle = net.register_forward_pre_hook(lambda *_: calls.append(1)) if net is not None else None
+    counter = FlopCounterMode(display=False)
+    try:
+        try:
+            with force_eager(), counter:
+                task.count_step()
+            flops = counter.get_total_flops()
+        except Exception:   # e.g. the peer's eager flex attention under a dispatch mode: NFE only
+            calls.clear()
+            with force_eager():
+                task.count_step()
+            flops = None
+    finally:
+        if handle is not None:
+            handle.remove()
+    return (len(calls) if net is not None else None), flops
+
+
+def count_flops_per_token(task: Task) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with force_eager(), counter:
+        task.flop_step()
+    return counter.get_total_flops() / task.flop_tokens
+
+
+
+def build_task(side: str, name: str, cfg: dict, device: torch.device, extra_kwargs: dict | None,
+               result: dict):
+    """The model and task after their first (warm-up) call. If that call fails and the side has
+    a fallback for this device, the model is rebuilt with it and `result['fallback']` says why."""
+    model, info = build_model(side, cfg, device, extra_kwargs)
+    task = WORKLOADS[name](model, cfg)
+    fallback = (PEER_FALLBACK_KWARGS if side == 'peer' else OURS_FALLBACK_KWARGS)[device.type]
+    try:
+        task.step()
+    except Exception as err:
+        if fallback is None:
+            raise
+        result['fallback'] = dict(reason=f'{type(err).__name__}: {err}'[:500], kwargs=fallback)
+        del model, task
+        model, info = build_model(side, cfg, device, deep_merge(extra_kwargs or {}, fallback))
+        task = WORKLOADS[name](model, cfg)
+        task.step()
+    result.update(info, model_config=dict(transformer=cfg['transformer'], dim_latent=cfg['dim_latent']))
+    result.update(unit=task.unit, work_per_step=task.work, workload_config=task.info)
+    return model, task
+
+
+def time_task(task: Task, device: torch.device, repeats: int, result: dict):
+    """`repeats` synchronised calls into `result['times_s']`, and the memory they peaked at;
+    returns the last call's output."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    rss_reset = reset_rss_peak()
+    rss_before = proc_status_kib('VmRSS')
+
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = task.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    result['times_s'] = times
+
+    if device.type == 'cuda':
+        result.update(peak_mem_mib=torch.cuda.max_memory_allocated() / 2 ** 20, mem_kind='cuda max allocated')
+    elif rss_before is not None:
+        result.update(peak_mem_mib=(proc_status_kib('VmHWM') - rss_before) / 1024,
+                      mem_kind='cpu RSS high-water growth' + ('' if rss_reset else ' (HWM not reset)'))
+    return out
+
+
+def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | None,
+                 extra_kwargs: dict | None, flops: bool, cpu_bf16: bool = False) -> dict:
+    device = torch.device('cuda' if size == 'gpu' else 'cpu')
+    cfg = dict(SIZES[size], side=side, cpu_bf16=cpu_bf16)
+    warmup = max(1, cfg['warmup'][name] if warmup is None else warmup)  # the first call is a warm-up
+    result = dict(side=side, workload=name, size=size, device=str(device), torch=torch.__version__,
+                  threads=torch.get_num_threads(), repeats=repeats, warmup=warmup,
+                  precision='bf16 autocast' if device.type == 'cuda' or cpu_bf16 else 'fp32')
+    if device.type == 'cuda':
+        result['device_name'] = torch.cuda.get_device_name()
+    if name == 'matmul_peak':
+        result.update(matmul_peak(device, warmup, repeats, cpu_bf16))
+        return result
+
+    model, task = build_task(side, name, cfg, device, extra_kwargs, result)
+    for _ in range(warmup - 1):
+        task.step()
+    sync(device)
+    out = time_task(task, device, repeats, result)
+
+    if torch.is_tensor(out):
+        result['output_shape'] = list(out.shape)
+    if name == 'gen_modality':   # FLOP/tok here: forward FLOPs of one whole call per latent token
+        result['nfe'], flops = count_nfe_and_flops(model, task, side)
+        result['flops_per_token'] = flops / cfg['modality_len'] if flops is not None else None
+    if flops and task.flop_step is not None:
+        try:
+            result['flops_per_token'] = count_flops_per_token(task)
+        except Exception as err:  # a FLOP-count failure must not lose the timing
+            result['flops_error'] = f'{type(err).__name__}: {err}'[:500]
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--side', choices=('ours', 'peer'), required=True)
+    parser.add_argument('--workload', choices=(*WORKLOADS, 'matmul_peak'), required=True)
+    parser.add_argument('--size', choices=tuple(SIZES), default='cpu')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--warmup', type=int, default=None, help='default: per workload and size')
+    parser.add_argument('--kwargs', default='{}', help='JSON merged into the constructor kwargs')
+    parser.add_argument('--no-flops', action='store_true')
+    parser.add_argument('--cpu-bf16', action='store_true', help='CPU: bf16 autocast (default fp32)')
+    args = parser.parse_args()
+
+    try:
+        result = run_workload(args.side, args.workload, args.size, args.repeats, args.warmup,
+                              json.loads(args.kwargs), not args.no_flops, args.cpu_bf16)
+    except Exception as err:
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        result = dict(side=args.side, workload=args.workload, size=args.size,
+                      error=f'{type(err).__name__}: {err}'[:1000])
+    print('BENCH_JSON ' + json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+    main()
