@@ -138,8 +138,14 @@ def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -
 
 
 def laser_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float) -> Tensor:
-    """log(attention(exp(V))), stabilised by each value channel's max over the visible keys
-    (the result does not depend on that constant, only its numerics do)."""
+    """log(attention(exp(V))), stabilised by each value channel's max m over the keys of the row.
+
+    m cancels in exact arithmetic and is detached, so no gradient flows through it; in floating
+    point the output depends on it through rounding (about 1e-7 relative). The row is one
+    sample on the dense backend and in text-only batches, the whole packed batch on flex, so m
+    may come from later tokens or other samples: a channel whose values span more than about 80
+    within a row underflows for queries that see only its low end (as in the paper's
+    formulation, which takes the max over the sequence)."""
     key_visible = None
     if mask.dense is not None:
         key_visible = rearrange(mask.dense.any(dim = -2), 'b 1 k -> b 1 k 1')
