@@ -60,6 +60,18 @@ def test_trainable_encoder_gets_gradients():
     assert encoder.weight.grad is not None and encoder.weight.grad.abs().sum() > 0
 
 
+def test_trainable_coders_all_get_a_gradient_for_ddp():
+    """DDP without find_unused_parameters needs a gradient on every trainable parameter at every
+    step: the decoder is used by no loss (only in sampling) and an absent modality's encoder by
+    none in this batch, so both must be anchored into the loss."""
+    model = tiny_model(channel_first_latent = True, modality_encoder = (nn.Conv2d(3, 8, 1), nn.Conv1d(2, 4, 1)),
+                       modality_decoder = (nn.Conv2d(8, 3, 1), nn.Conv1d(4, 2, 1)), train_modality_encoders = True)
+    for batch in ([[randn(3, 2, 3), randint(0, 16, (3,))]], randint(0, 16, (2, 6))):
+        model.zero_grad(set_to_none = True)
+        model(batch).backward()
+        assert not [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
 def dependency_matrix(model, batch):
     """dep[i, j]: output i (hidden state) has a nonzero gradient w.r.t. input token j."""
     packed = model.pack(batch)

@@ -79,3 +79,95 @@ def test_bad_configuration_explains_itself(kwargs, message):
     base = dict(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 64, depth = 2))
     with pytest.raises(ValueError, match = message):
         Transfusion(**{**base, **kwargs})
+
+
+def draws_and_errors():
+    """(keywords of a call, error, message): caller-given draws that must be refused."""
+    batch = [[randint(0, 16, (2,)), randn(2, 3, 8)], [(1, randn(3, 4))]]
+    noise = [randn(2, 3, 8), randn(3, 4)]
+    return batch, [
+        (dict(times = torch.tensor([float('nan'), .5])), ValueError, r'times must lie in \[0, 1\].*instance 0 has nan'),
+        (dict(times = torch.tensor([.5, 1.5])), ValueError, r'instance 1 has 1.5'),
+        (dict(times = torch.rand(3)), ValueError, r'one value per modality instance \(2\), got 3'),
+        (dict(times = 'half'), TypeError, r"times must be a tensor or a list of floats|parameter 'times'"),   # the latter: debug mode
+        (dict(noise = [noise[0], noise[1].fill_(float('inf'))]), ValueError, 'noise for instance 1 holds non-finite values'),
+        (dict(noise = [noise[0], [1., 2.]]), TypeError, r"noise for instance 1 must be a floating tensor, got list|'noise': \[f32"),
+        (dict(noise = [noise[0].long(), noise[1]]), TypeError, 'noise for instance 0 must be a floating tensor, got torch.int64'),
+    ]
+
+
+@pytest.mark.parametrize('case', range(7))
+def test_bad_draws_raise_before_any_draw_and_leave_model_unchanged(case):
+    batch, cases = draws_and_errors()
+    keywords, error, message = cases[case]
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_before = torch.get_rng_state()
+    for call in (lambda: model(batch, **keywords), lambda: model.predict(batch, **keywords)):
+        with pytest.raises(error, match = message):
+            call()
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize('batch, keywords, message', [
+    (torch.zeros(0, 8, dtype = torch.long), {}, r'text-only training expects token ids of shape \(b, n\) with b >= 1'),
+    (randint(0, 16, (2, 5)), dict(modality_type = 1), 'an integer tensor batch is text-only language modelling'),
+    (randint(0, 16, (2, 5)), dict(times = torch.rand(1)), 'an integer tensor batch is text-only language modelling'),
+])
+def test_text_only_batches_refuse_what_does_not_apply(batch, keywords, message):
+    with pytest.raises(ValueError, match = message):
+        tiny_model()(batch, **keywords)
+
+
+def test_a_model_without_modalities_says_so():
+    model = Transfusion(num_text_tokens = 16, transformer = dict(dim = 32, depth = 1))
+    for batch in ([[(0, randn(3, 8))]], randn(2, 3, 8)):
+        with pytest.raises(ValueError, match = r'sample 0, item 0: .*this model has no modalities \(pass dim_latent'):
+            model(batch)
+
+
+class RunningMean(nn.Module):
+    """A trainable encoder with a buffer it updates in train mode (no batch statistics in its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 1)
+        self.register_buffer('seen', torch.zeros(3))
+
+    def forward(self, x):
+        if self.training:
+            self.seen += x.detach().mean(dim = (0, 2, 3))
+        return self.proj(x)
+
+
+def encoder_model(encoder: nn.Module) -> Transfusion:
+    return Transfusion(num_text_tokens = 8, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                       modality_encoder = encoder, train_modality_encoders = True, transformer = dict(dim = 32, depth = 1))
+
+
+def test_rejected_batch_leaves_a_trainable_encoders_buffers_unchanged():
+    model = encoder_model(RunningMean())
+    model([[randn(3, 2, 2)]])
+    seen = model.modalities.encoders[0].seen.clone()
+    assert seen.abs().sum() > 0       # the encoder did run in train mode and update its buffer
+    with pytest.raises(ValueError, match = r'sample 1, item 1: text id 9 is outside'):
+        model([[randn(3, 2, 2)], [randn(3, 2, 2), torch.tensor([9])]])
+    with pytest.raises(ValueError, match = r'noise for instance 0 holds non-finite values'):
+        model([[randn(3, 2, 2)]], noise = [torch.full((8, 2, 2), float('inf'))])
+    assert torch.equal(model.modalities.encoders[0].seen, seen)
+
+
+def test_predict_runs_a_trainable_encoder_in_eval_mode():
+    model = encoder_model(RunningMean())
+    model.train()
+    batch, times, noise = [[randn(3, 2, 2)]], torch.tensor([.3]), [randn(8, 2, 2)]
+    first = model.predict(batch, times, noise).velocities[0]
+    assert torch.equal(model.modalities.encoders[0].seen, torch.zeros(3)) and model.training
+    assert torch.equal(model.predict(batch, times, noise).velocities[0], first)
+
+
+@pytest.mark.parametrize('norm', [nn.BatchNorm2d(8), nn.SyncBatchNorm(8)])
+def test_trainable_encoder_with_batch_statistics_is_refused(norm):
+    with pytest.raises(ValueError, match = r'modality 0 encoder: 1 \(.*BatchNorm.*\) normalises with batch statistics.*use GroupNorm'):
+        encoder_model(nn.Sequential(nn.Conv2d(3, 8, 1), norm))

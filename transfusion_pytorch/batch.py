@@ -67,6 +67,8 @@ def _parse_item(item, sample: int, index: int, num_modalities: int) -> tuple[str
             modality = int(modality)
         if not isinstance(modality, int) or isinstance(modality, bool):
             raise TypeError(f'{where}: modality index must be an int, got {type(modality).__name__}')
+        if num_modalities == 0:
+            raise ValueError(f'{where}: got modality {modality} but this model has no modalities (pass dim_latent to Transfusion)')
         if not 0 <= modality < num_modalities:
             raise ValueError(f'{where}: unknown modality index {modality}; this model has {num_modalities} modalit{"y" if num_modalities == 1 else "ies"} (0..{num_modalities - 1})')
         if not torch.is_tensor(data) or not data.is_floating_point():

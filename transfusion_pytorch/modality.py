@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,18 @@ class AdaptiveConditioning(nn.Module):
         return [Modulation(*layer[index].unbind(dim = -2)) for layer in params]     # each (b, n, d)
 
 
+def refuse_batch_statistics(encoders: nn.ModuleList) -> None:
+    """Trainable encoders run in train mode over all same-shape instances of a batch at once,
+    so batch statistics would mix samples (and later instances into earlier tokens), breaking
+    the attention rule."""
+    for m, encoder in enumerate(encoders):
+        for name, module in encoder.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(f'modality {m} encoder: {name or "the module"} ({type(module).__name__}) normalises with batch '
+                                 'statistics, which would mix the samples of a batch when trained (train_modality_encoders=True); '
+                                 'use GroupNorm or LayerNorm, or keep the encoder frozen (it then runs in eval mode)')
+
+
 class ModalityProjections(nn.Module):
     """Latent tokens in (Float['l c'] -> Float['l d']) and predicted velocity out; with a
     downsampling factor, a one-level U-Net (unet.py) in place of the two projections."""
@@ -86,9 +99,24 @@ class Modalities(nn.Module):
         self.has_encoder = tuple(e is not None for e in encoders)
         self.has_decoder = tuple(d is not None for d in decoders)
         self.train_encoders = train_encoders
-        if not train_encoders:
+        if train_encoders:
+            refuse_batch_statistics(self.encoders)
+        else:
             for module in (*self.encoders, *self.decoders):
                 module.requires_grad_(False)
+
+    @contextmanager
+    def encoder_state_kept_on_error(self):
+        """A trainable encoder may update buffers as it runs (BatchNorm-like statistics, power
+        iterations); a batch rejected after encoding must leave them as they were."""
+        saved = [(b, b.clone()) for b in self.encoders.buffers()] if self.train_encoders else []
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
+            raise
 
     def encode(self, modality: int, entries: list[tuple[int, int, Tensor]]) -> list[Tensor]:
         """Raw tensors -> latents in the user's layout, batched over instances of equal shape.

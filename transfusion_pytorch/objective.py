@@ -35,8 +35,8 @@ class LossBreakdown:
 def text_only_loss(model, ids: Tensor) -> LossBreakdown:
     """Causal LM loss of text-only rows Int['b n'] (one host sync for validation, after the
     forward is queued when the ids live on an accelerator)."""
-    if ids.ndim != 2 or ids.shape[1] < 2:
-        raise ValueError(f'text-only training expects token ids of shape (b, n) with n >= 2, got {tuple(ids.shape)}')
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise ValueError(f'text-only training expects token ids of shape (b, n) with b >= 1 and n >= 2, got {tuple(ids.shape)}')
     if ids.dtype == torch.bool or ids.is_complex():
         raise TypeError(f'text-only training expects integer token ids, got {ids.dtype}')
     limit = model.config.num_text_tokens
@@ -58,20 +58,19 @@ def _raise_for_text_ids(model, ids: Tensor, invalid: EarlyFlag) -> None:
 
 
 def draw(model, packed: PackedBatch, times: Tensor | None, noise: list[Tensor] | None):
-    """Times Float['i'], per-group noise Float['l c'] and isolated tokens Bool['n'] | None."""
+    """Times Float['i'], per-group noise Float['l c'] and isolated tokens Bool['n'] | None.
+    Caller-given times and noise are checked before anything is drawn, so a rejected call
+    leaves the random number generators as they were."""
     count, device = packed.num_instances, model.device
+    if times is not None:
+        times = checked_times(times, count, device)
+    group_noise = noise_by_group(model, packed, noise) if noise is not None else None
     if times is None:
         times = flow.sample_times(count, model.config.time_sampling, device)
         if model.config.noise_limit_before_text and model.training:
             times = flow.limit_noise(times, packed.instance_followed_by_text)
-    else:
-        times = torch.as_tensor(times, dtype = torch.float32, device = device).reshape(-1)
-        if times.shape[0] != count:
-            raise ValueError(f'times must hold one value per modality instance ({count}), got {times.shape[0]}')
-    if noise is None:
+    if group_noise is None:
         group_noise = [torch.randn_like(g.data) for g in packed.groups]
-    else:
-        group_noise = noise_by_group(model, packed, noise)
     isolated = None
     if model.config.condition_dropout > 0 and model.training:
         dropped = torch.rand(count, device = device) < model.config.condition_dropout
@@ -80,17 +79,37 @@ def draw(model, packed: PackedBatch, times: Tensor | None, noise: list[Tensor] |
     return times, group_noise, isolated
 
 
+def checked_times(times, count: int, device: torch.device) -> Tensor:
+    """Caller-given times -> Float['i'] on `device`: one per instance, finite, in [0, 1] (t = 0
+    noise, t = 1 data). A research path: its check may read back from the device."""
+    if not torch.is_tensor(times) and not isinstance(times, (list, tuple)):
+        raise TypeError(f'times must be a tensor or a list of floats, one per modality instance, got {type(times).__name__}')
+    times = torch.as_tensor(times, dtype = torch.float32).reshape(-1)
+    if times.shape[0] != count:
+        raise ValueError(f'times must hold one value per modality instance ({count}), got {times.shape[0]}')
+    outside = ~((times >= 0) & (times <= 1))                  # NaN is outside too
+    if outside.any():
+        instance = int(outside.nonzero()[0])
+        raise ValueError(f'times must lie in [0, 1] (t = 0 noise, t = 1 data); instance {instance} has {float(times[instance])}')
+    return times.to(device)
+
+
 def noise_by_group(model, packed: PackedBatch, noise: list[Tensor]) -> list[Tensor]:
     """Caller-given noise, one tensor per instance in the latent layout -> per-group Float['L c']."""
     if len(noise) != packed.num_instances:
         raise ValueError(f'noise must hold one tensor per modality instance ({packed.num_instances}), got {len(noise)}')
     flat = []
     for i, (modality, shape, tensor) in enumerate(zip(packed.instance_modality, packed.instance_shape, noise)):
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+            raise TypeError(f'noise for instance {i} must be a floating tensor, got {tensor.dtype if torch.is_tensor(tensor) else type(tensor).__name__}')
         spec = model.config.modalities[modality]
         canonical = tensor.movedim(0, -1) if spec.channel_first else tensor
         if tuple(canonical.shape) != (*shape, spec.dim_latent):
             raise ValueError(f'noise for instance {i} must match its latent shape {(*shape, spec.dim_latent)} (in the latent layout), got {tuple(tensor.shape)}')
         flat.append(canonical.reshape(-1, spec.dim_latent).to(model.device))
+    finite = torch.stack([x.isfinite().all() for x in flat]) if flat else None
+    if finite is not None and not finite.all():
+        raise ValueError(f'noise for instance {int((~finite).nonzero()[0])} holds non-finite values')
     return [torch.cat([flat[i] for i in range(len(flat)) if packed.instance_modality[i] == g.modality]) for g in packed.groups]
 
 
@@ -105,8 +124,9 @@ def unused_parameter_anchor(model, present: set[int]) -> Tensor:
     if not present:
         for module in (model.modalities.time_embedding, model.modalities.adaptive):
             unused += list(module.parameters()) if module is not None else []
-    if model.modalities.train_encoders:
+    if model.modalities.train_encoders:   # decoders only run in sampling: never used by a loss
         unused += [p for m in range(model.config.num_modalities) if m not in present for p in model.modalities.encoders[m].parameters()]
+        unused += list(model.modalities.decoders.parameters())
     anchor = model.token_embedding.weight.new_zeros(())
     for p in unused:
         if p.requires_grad:

@@ -118,11 +118,14 @@ class Transfusion(nn.Module):
             the flow-matching draws, in order of appearance; by default they are sampled.
         """
         if torch.is_tensor(batch) and not batch.is_floating_point():
+            if modality_type is not None or times is not None or noise is not None:
+                raise ValueError('modality_type, times and noise apply to modality instances; an integer tensor batch is text-only language modelling')
             breakdown = objective.text_only_loss(self, batch)
         else:
-            packed, check = self.pack(self._as_samples(batch, modality_type), defer_check = True)
-            breakdown = objective.packed_loss(self, packed, times, noise)
-            check.raise_if_invalid()   # after queueing the forward; waits for the check alone, not the forward
+            with self.modalities.encoder_state_kept_on_error():
+                packed, check = self.pack(self._as_samples(batch, modality_type), defer_check = True)
+                breakdown = objective.packed_loss(self, packed, times, noise)
+                check.raise_if_invalid()   # after queueing the forward; waits for the check alone, not the forward
         return (breakdown.total, breakdown) if return_breakdown else breakdown.total
 
     def _as_samples(self, batch, modality_type: int | None):
@@ -139,9 +142,10 @@ class Transfusion(nn.Module):
     def pack(self, batch, close: bool = True, defer_check: bool = False):
         """Validate a list of samples and lay it out as one packed sequence on the model's device.
         defer_check: also return the batch's ValueCheck instead of raising at once (see batch.py)."""
-        samples, check = to_items(batch, self.config, self.modalities.encode)
-        if not defer_check:
-            check.raise_if_invalid()
+        with self.modalities.encoder_state_kept_on_error():
+            samples, check = to_items(batch, self.config, self.modalities.encode)
+            if not defer_check:
+                check.raise_if_invalid()
         packed = pack(samples, self.config, self.vocab, self.device, close = close)
         return (packed, check) if defer_check else packed
 
@@ -185,10 +189,10 @@ class Transfusion(nn.Module):
         """Per-token text logits and per-instance velocities for a batch at the given times and
         noise (drawn when not given), without dropout of conditioning. Runs under no_grad; call
         `predict.__wrapped__(model, ...)` for gradients."""
-        packed = self.pack(self._as_samples(batch, modality_type))
         was_training = self.training
-        self.eval()
+        self.eval()   # before packing: a trainable encoder must not run in train mode here
         try:
+            packed = self.pack(self._as_samples(batch, modality_type))
             times, group_noise, _ = objective.draw(self, packed, times, noise)
             noised_inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
             hidden = self.packed_hidden(packed, noised_inputs, times)
