@@ -138,7 +138,7 @@ def test_sampling_validates_its_arguments():
     model = tiny_model()
     with pytest.raises(ValueError, match = 'force_modality_at_start names modality 5'):
         model.sample(force_modality_at_start = 5, **QUIET)
-    with pytest.raises(ValueError, match = r'fixed_modality_shape \(2,\) for modality 0 must be 2 positive ints'):
+    with pytest.raises(ValueError, match = r'fixed_modality_shape: modality 0 has 2 axes, got shape \(2,\)'):
         model.sample(fixed_modality_shape = {0: (2,)}, **QUIET)
     with pytest.raises(ValueError, match = 'sample 0, item 0: text id 99'):
         model.sample(torch.tensor([99]), **QUIET)
@@ -172,3 +172,71 @@ def test_stop_after_modality_gives_one_instance_per_prompt():
                                 modality_steps = 2, seed = 0, stop_after_modality = True, **QUIET)
     assert [len(s) for s in samples] == [2, 1]
     assert is_modality(samples[0][-1]) and is_modality(samples[1][-1])
+
+
+def test_sampled_shapes_are_valid_input_when_downsampled():
+    """The shape grammar bounds the transformer-side grid, whose data shape is the grid times
+    the downsample factor: every sampled instance must still fit max_shape_value."""
+    model = Transfusion(num_text_tokens = 16, dim_latent = 8, modality_default_shape = (4,), modality_downsample = 2,
+                        max_shape_value = 9, transformer = dict(dim = 32, depth = 1))
+    samples = model.sample_many([None] * 24, force_modality_at_start = 0, max_length = 30, text_temperature = 2., text_min_p = 0.,
+                                modality_steps = 1, seed = 0, stop_after_modality = True, **QUIET)
+    shapes = {tuple(sample[0][1].shape[:-1]) for sample in samples}
+    assert len(shapes) > 2 and all(shape[0] <= 9 for shape in shapes), shapes
+    model(samples)   # valid input as it is
+    with pytest.raises(ValueError, match = r'force_modality_at_start: shape \(12,\) for modality 0 exceeds max_shape_value=9'):
+        model.sample(force_modality_at_start = (0, (12,)), **QUIET)
+
+
+def test_prompt_errors_name_the_prompt_by_its_index():
+    model = tiny_model()
+    with pytest.raises(ValueError, match = r'sample 2, item 0: text id 99'):
+        model.sample_many([None, torch.tensor([1, 2]), torch.tensor([3, 99])], max_length = 20, **QUIET)
+    with pytest.raises(ValueError, match = r'sample 1, item 1: modality 0 expects latents'):
+        model.sample_many([None, [torch.tensor([1]), randn(2, 3, 5)]], max_length = 20, **QUIET)
+
+
+@pytest.mark.parametrize('keywords, error, message', [
+    (dict(text_temperature = -1.), ValueError, r'text_temperature must be >= 0'),
+    (dict(text_min_p = 1.5), ValueError, r'text_min_p must lie in \[0, 1\], got 1.5'),
+    (dict(max_length = 20.), TypeError, r"max_length must be an int, got float|parameter 'max_length'"),   # the latter: debug mode
+    (dict(force_modality_at_start = (0,)), TypeError, r'force_modality_at_start must be a modality index or \(index, shape\)'),
+    (dict(force_modality_at_start = [0, (2, 3)]), TypeError, r'force_modality_at_start must be a modality index'),
+    (dict(force_modality_at_start = (0, (2, 'x'))), ValueError, r'force_modality_at_start: a shape must be a tuple of positive ints'),
+    (dict(fixed_modality_shape = (4, 4, 4)), ValueError, r'fixed_modality_shape \(4, 4, 4\) fits no modality: modality 0 has 2 axes'),
+])
+def test_sampling_options_are_checked(keywords, error, message):
+    with pytest.raises(error, match = message):
+        tiny_model().sample(**keywords, **QUIET)
+
+
+def test_generate_text_only_checks_its_sampling_options():
+    model = tiny_model()
+    with pytest.raises(ValueError, match = 'temperature must be >= 0'):
+        model.generate_text_only(torch.tensor([[1]]), 6, temperature = -1.)
+    with pytest.raises(ValueError, match = r'min_p must lie in \[0, 1\]'):
+        model.generate_text_only(torch.tensor([[1]]), 6, min_p = 2.)
+
+
+def test_one_fixed_shape_applies_to_the_modalities_it_fits():
+    model = Transfusion(num_text_tokens = 16, dim_latent = (8, 4), modality_default_shape = ((2,), (3,)),
+                        add_modality_shape_tokens = (True, False), transformer = dict(dim = 32, depth = 1))
+    sample = model.sample(force_modality_at_start = 0, fixed_modality_shape = (5,), modality_steps = 1,
+                          stop_after_modality = True, **QUIET)
+    assert sample[0][1].shape == (5, 8)   # modality 1's shape is fixed at (3,): (5,) is not for it
+
+
+@pytest.mark.parametrize('keywords, message', [
+    (dict(modality_type = 5), r'modality_type 5 is not a modality of this model \(2 modalities\)'),
+    (dict(batch_size = 0), 'batch_size must be at least 1, got 0'),
+    (dict(fixed_modality_shape = (3, 5)), r'fixed_modality_shape: shape \(3, 5\) for modality 0 must be divisible by its downsample factor 2'),
+])
+def test_generate_modality_only_checks_its_arguments(keywords, message):
+    model = tiny_model(modality_downsample = (2, 1), modality_default_shape = ((2, 4), (3,)))
+    with pytest.raises(ValueError, match = message):
+        model.generate_modality_only(**keywords)
+
+
+def test_generate_modality_only_takes_a_zero_axis_shape():
+    model = tiny_model(modality_default_shape = (None, (3,)))
+    assert model.generate_modality_only(fixed_modality_shape = (), modality_steps = 1).shape == (1, 8)

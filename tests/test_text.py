@@ -1,4 +1,7 @@
 """Text-only language modelling: the causal rule, decoding, min-p, options, learning."""
+import copy
+import io
+
 import pytest
 import torch
 
@@ -150,3 +153,32 @@ def test_in_graph_sampler_keeps_min_p_and_matches_the_distribution():
     observed = torch.bincount(draws, minlength = 12).float() / draws.numel()
     assert (observed - expected).abs().max() < 0.02, (observed, expected)
     assert torch.equal(choose_tokens(logits, temperature = 0.), logits.argmax(-1))
+
+
+@pytest.mark.parametrize('compile_step', [False, True])
+def test_kept_decoders_follow_replaced_weights(compile_step):
+    """A model keeps its decoder (cache, compiled step) between calls; it must read the weights
+    the model has now, e.g. after load_state_dict(assign = True) replaced them."""
+    model, other = text_model(), text_model()
+    prompt = torch.randint(0, 32, (2, 3))
+    before = model.generate_text_only(prompt, 12, temperature = 0., compile_step = compile_step)
+    model.load_state_dict(other.state_dict(), assign = True)
+    after = model.generate_text_only(prompt, 12, temperature = 0., compile_step = compile_step)
+    expected = other.generate_text_only(prompt, 12, temperature = 0., cache_kv = False)
+    assert torch.equal(after, expected) and not torch.equal(before, expected)
+
+
+def test_compiled_models_pickle_and_deepcopy():
+    """Compiled blocks, stack and decode steps are per-process caches: torch.save of the whole
+    module and deepcopy (as AveragedModel does) leave them out, and the copies work."""
+    model = text_model(compile_blocks = True, compile_stack = True)
+    ids, prompt = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (1, 3))
+    model(ids).backward()
+    expected = model.generate_text_only(prompt, 8, temperature = 0.)        # a compiled step
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    copies = [copy.deepcopy(model), torch.load(io.BytesIO(buffer.getvalue()), weights_only = False)]
+    for twin in copies:
+        assert '_text_decoders' not in twin.__dict__ and twin.transformer._compiled_stack is None
+        assert torch.equal(twin.generate_text_only(prompt, 8, temperature = 0., compile_step = False), expected)
+        torch.testing.assert_close(twin(ids), model(ids))

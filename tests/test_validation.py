@@ -171,3 +171,12 @@ def test_predict_runs_a_trainable_encoder_in_eval_mode():
 def test_trainable_encoder_with_batch_statistics_is_refused(norm):
     with pytest.raises(ValueError, match = r'modality 0 encoder: 1 \(.*BatchNorm.*\) normalises with batch statistics.*use GroupNorm'):
         encoder_model(nn.Sequential(nn.Conv2d(3, 8, 1), norm))
+
+
+def test_sampling_runs_a_trainable_encoder_in_eval_mode():
+    model = encoder_model(RunningMean())
+    model.train()
+    model.sample([randn(3, 2, 2), torch.tensor([1])], max_length = 20, modality_steps = 1, show_progress = False)
+    with pytest.raises(ValueError, match = 'leaves no room'):
+        model.sample([randn(3, 2, 2)], max_length = 9, show_progress = False)
+    assert torch.equal(model.modalities.encoders[0].seen, torch.zeros(3)) and model.training

@@ -91,8 +91,9 @@ def _describe(x) -> str:
     return f'tensor of dtype {x.dtype}' if torch.is_tensor(x) else type(x).__name__
 
 
-def parse_samples(batch, num_modalities: int) -> list[list[tuple[str, int | None, Tensor]]]:
-    """Structural validation of a list of samples; no values are inspected yet."""
+def parse_samples(batch, num_modalities: int, allow_empty: bool = False) -> list[list[tuple[str, int | None, Tensor]]]:
+    """Structural validation of a list of samples; no values are inspected yet. allow_empty:
+    empty samples are kept (sampling prompts), not refused."""
     if not isinstance(batch, (list, tuple)):
         raise TypeError(f'a batch must be a list of samples (each a list of items), an integer tensor (b, n) or a floating tensor (b, ...); got {type(batch).__name__}')
     if len(batch) == 0:
@@ -103,7 +104,7 @@ def parse_samples(batch, num_modalities: int) -> list[list[tuple[str, int | None
         if not isinstance(items, (list, tuple)):
             raise TypeError(f'{_where(s)}: expected a list of items, got {type(sample).__name__}')
         parsed.append([_parse_item(item, s, j, num_modalities) for j, item in enumerate(items)])
-        if not any(kind == 'modality' or data.numel() > 0 for kind, _, data in parsed[-1]):
+        if not allow_empty and not any(kind == 'modality' or data.numel() > 0 for kind, _, data in parsed[-1]):
             raise ValueError(f'{_where(s)}: the sample is empty (no text tokens and no modality)')
     return parsed
 
@@ -135,11 +136,11 @@ def canonical_latent(data: Tensor, config: TransfusionConfig, modality: int, whe
 Encode = Callable[[int, list[tuple[int, int, Tensor]]], list[Tensor]]
 
 
-def to_items(batch, config: TransfusionConfig, encode: Encode) -> tuple[list[Sample], 'ValueCheck']:
+def to_items(batch, config: TransfusionConfig, encode: Encode, allow_empty: bool = False) -> tuple[list[Sample], 'ValueCheck']:
     """Validate and normalise a batch into lists of TextItem / ModalityItem (encoders applied).
     Types and shapes are checked here; the values' check is returned, to be raised by the caller
     (at once, or after queueing device work when the batch lives on an accelerator)."""
-    parsed = parse_samples(batch, config.num_modalities)
+    parsed = parse_samples(batch, config.num_modalities, allow_empty)
     raw_by_modality: dict[int, list[tuple[int, int, Tensor]]] = {}
     for s, sample in enumerate(parsed):
         for j, (kind, modality, data) in enumerate(sample):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import flow
 from .batch import TextItem, to_items
 from .decoding import CachedRunner, UncachedRunner
-from .text_generation import choose_tokens
+from .text_generation import check_text_sampling, choose_tokens
 from .tokens import ShapeDecoder, min_instance_length
 
 
@@ -155,7 +155,8 @@ class Sampler:
                 row.queue.extend(self.vocab.shape_ids(spec.token_shape(shape)))
             row.shape, row.phase = tuple(shape), 'modality'
         else:
-            row.shape_decoder = ShapeDecoder(self.vocab, spec.num_axes, self.model.config.max_shape_value)
+            # the decoded grid is transformer-side: its data shape (grid x downsample) must fit too
+            row.shape_decoder = ShapeDecoder(self.vocab, spec.num_axes, self.model.config.max_shape_value // spec.downsample)
             row.phase = 'shape'
 
     def push_shape_token(self, row: Row, token: int) -> None:
@@ -264,26 +265,73 @@ def _echo(item, device) -> object:
     return item.reshape(-1).long().to(device)
 
 
+def _as_shape(value, argument: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list, torch.Size)) or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in value):
+        raise ValueError(f'{argument}: a shape must be a tuple of positive ints, got {value!r}')
+    return tuple(value)
+
+
+def _shape_problem(model, modality: int, shape: tuple[int, ...]) -> str | None:
+    """Why `shape` cannot be sampled for `modality` (None if it can): the data-side checks of
+    training (batch.canonical_latent), so a sample is valid input as it is."""
+    spec = model.config.modalities[modality]
+    if spec.num_axes is not None and len(shape) != spec.num_axes:
+        return f'modality {modality} has {spec.num_axes} axes, got shape {shape}'
+    if not spec.shape_tokens and shape != spec.default_shape:
+        return f'modality {modality} has shape tokens off; its shape is fixed at {spec.default_shape}'
+    if any(a % spec.downsample for a in shape):
+        return f'shape {shape} for modality {modality} must be divisible by its downsample factor {spec.downsample}'
+    if any(a > model.config.max_shape_value for a in shape):
+        return f'shape {shape} for modality {modality} exceeds max_shape_value={model.config.max_shape_value}'
+    return None
+
+
 def _fixed_shapes(model, fixed_modality_shape) -> dict[int, tuple[int, ...]]:
-    modalities = model.config.modalities
+    """{modality: shape}: from a dict (each must fit its modality), or one shape for every
+    modality it fits (at least one)."""
+    count = model.config.num_modalities
     if fixed_modality_shape is None:
         return {}
-    if isinstance(fixed_modality_shape, dict):
-        shapes = {int(m): tuple(s) for m, s in fixed_modality_shape.items()}
-    else:
-        shape = tuple(fixed_modality_shape)
-        shapes = {m: shape for m, spec in enumerate(modalities) if spec.num_axes in (None, len(shape))}
-    for m, shape in shapes.items():
-        if not 0 <= m < len(modalities):
-            raise ValueError(f'fixed_modality_shape names modality {m}, but the model has {len(modalities)}')
-        spec = modalities[m]
-        if not all(isinstance(a, int) and a > 0 for a in shape) or (spec.num_axes is not None and len(shape) != spec.num_axes):
-            raise ValueError(f'fixed_modality_shape {shape} for modality {m} must be {spec.num_axes} positive ints')
-        if not spec.shape_tokens and shape != spec.default_shape:
-            raise ValueError(f'modality {m} has shape tokens off; its shape is fixed at {spec.default_shape}')
-        if any(a % spec.downsample for a in shape):
-            raise ValueError(f'fixed_modality_shape {shape} for modality {m} must be divisible by its downsample factor {spec.downsample}')
+    if not isinstance(fixed_modality_shape, dict):
+        shape = _as_shape(fixed_modality_shape, 'fixed_modality_shape')
+        problems = [_shape_problem(model, m, shape) for m in range(count)]
+        if all(problems):
+            raise ValueError(f'fixed_modality_shape {shape} fits no modality: ' + '; '.join(problems or ['the model has no modalities']))
+        return {m: shape for m, problem in enumerate(problems) if problem is None}
+    shapes = {}
+    for m, value in fixed_modality_shape.items():
+        if not isinstance(m, int) or not 0 <= m < count:
+            raise ValueError(f'fixed_modality_shape names modality {m!r}, but the model has {count}')
+        shapes[m] = _as_shape(value, f'fixed_modality_shape[{m}]')
+        if problem := _shape_problem(model, m, shapes[m]):
+            raise ValueError(f'fixed_modality_shape: {problem}')
     return shapes
+
+
+def forced_start(model, value, argument: str = 'force_modality_at_start') -> tuple[int, tuple[int, ...] | None] | None:
+    """force_modality_at_start as (modality, shape or None), checked; errors name `argument`."""
+    if value is None:
+        return None
+    modality, shape = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
+    if not isinstance(modality, int) or isinstance(modality, bool):
+        raise TypeError(f'force_modality_at_start must be a modality index or (index, shape), got {value!r}')
+    if not 0 <= modality < model.config.num_modalities:
+        raise ValueError(f'force_modality_at_start names modality {modality}, but the model has {model.config.num_modalities}')
+    if shape is not None:
+        shape = _as_shape(shape, argument)
+        if problem := _shape_problem(model, modality, shape):
+            raise ValueError(f'{argument}: {problem}')
+    return modality, shape
+
+
+def _check_options(options: SamplingOptions) -> None:
+    for name, least in (('max_length', 2), ('modality_steps', 1)):
+        value = getattr(options, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f'{name} must be an int, got {type(value).__name__}')
+        if value < least:
+            raise ValueError(f'{name} must be at least {least}, got {value}')
+    check_text_sampling(options.text_temperature, options.text_min_p, 'text_temperature', 'text_min_p')
 
 
 def _generators(seed, count: int, device) -> list:
@@ -299,47 +347,43 @@ def _generators(seed, count: int, device) -> list:
 def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = None, stop_after_modality: bool = False, **options) -> list[list]:
     """See Transfusion.sample_many."""
     options = SamplingOptions(**options)
+    _check_options(options)
     options.fixed_modality_shape = _fixed_shapes(model, options.fixed_modality_shape)
-    if options.max_length < 2:
-        raise ValueError(f'max_length must be at least 2, got {options.max_length}')
-    if options.modality_steps < 1:
-        raise ValueError(f'modality_steps must be at least 1, got {options.modality_steps}')
+    forced = forced_start(model, force_modality_at_start)
     user_prompts = [_normalize_prompt(p) for p in prompts]
-    nonempty = [i for i, p in enumerate(user_prompts) if p]
-    parsed = model_items(model, [user_prompts[i] for i in nonempty]) if nonempty else []
-    items = [[] for _ in user_prompts]
-    for i, sample_items in zip(nonempty, parsed):
-        items[i] = sample_items
-
-    rows = [Row(index = i, output = [_echo(x, model.device) for x in p], generator = g)
-            for i, (p, g) in enumerate(zip(user_prompts, _generators(seed, len(user_prompts), model.device)))]
-    sampler = Sampler(model, options, len(rows))
-    if force_modality_at_start is not None:
-        modality, shape = force_modality_at_start if isinstance(force_modality_at_start, tuple) else (force_modality_at_start, None)
-        if not 0 <= modality < model.config.num_modalities:
-            raise ValueError(f'force_modality_at_start names modality {modality}, but the model has {model.config.num_modalities}')
-        if shape is not None:
-            shape = _fixed_shapes(model, {modality: shape})[modality]
+    generators = _generators(seed, len(user_prompts), model.device)
     was_training = model.training
-    model.eval()
+    model.eval()    # before the prompts are encoded: a trainable encoder must not run in train mode
     try:
+        items = model_items(model, user_prompts)
+        rows = [Row(index = i, output = [_echo(x, model.device) for x in p], generator = g, stop_after_modality = stop_after_modality)
+                for i, (p, g) in enumerate(zip(user_prompts, generators))]
+        sampler = Sampler(model, options, len(rows))
         for row, row_items in zip(rows, items):
-            row.stop_after_modality = stop_after_modality
-            if force_modality_at_start is not None:
-                sampler.start_modality(row, modality, shape)
-            # forced begin/shape tokens are known: encode them with the prompt in one forward
-            forced, row.queue = row.queue, []
-            opening = [TextItem(torch.tensor(forced, dtype = torch.long, device = model.device))] if forced else []
-            row.logits, row.length = sampler.runner.prefill(row.index, row_items + opening)
-            if force_modality_at_start is not None and sampler.remaining_need(row) > options.max_length - row.length:
-                raise ValueError(f'sample {row.index}: max_length={options.max_length} leaves no room for modality {modality} after the prompt')
+            prefill_row(sampler, row, row_items, forced)
         return sampler.loop(rows)
     finally:
         model.train(was_training)
 
 
+def prefill_row(sampler: Sampler, row: Row, items: list, forced: tuple[int, tuple[int, ...] | None] | None) -> None:
+    """Encode a row's prompt, with the begin (and shape) tokens of a forced first modality."""
+    if forced is not None:
+        sampler.start_modality(row, *forced)
+    # forced begin/shape tokens are known: encode them with the prompt in one forward
+    opening, row.queue = row.queue, []
+    opening = [TextItem(torch.tensor(opening, dtype = torch.long, device = sampler.model.device))] if opening else []
+    row.logits, row.length = sampler.runner.prefill(row.index, items + opening)
+    max_length = sampler.options.max_length
+    if forced is not None and sampler.remaining_need(row) > max_length - row.length:
+        raise ValueError(f'sample {row.index}: max_length={max_length} leaves no room for modality {forced[0]} after the prompt')
+
+
 def model_items(model, prompts: list[list]) -> list[list]:
-    """Validate prompts like training samples (encoders applied)."""
-    samples, check = to_items(prompts, model.config, model.modalities.encode)
+    """Validate prompts like training samples (encoders applied); empty prompts stay empty, and
+    errors name a prompt by its index among all prompts."""
+    if not prompts:
+        return []
+    samples, check = to_items(prompts, model.config, model.modalities.encode, allow_empty = True)
     check.raise_if_invalid()
     return samples

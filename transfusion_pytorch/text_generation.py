@@ -68,7 +68,6 @@ class TextDecoder:
     def __init__(self, model, batch: int, slots: int, compile_step: bool = False):
         self.model = model
         self.cache = KVCache.for_model(model, batch, slots)
-        self.text_head = model.to_logits.weight[:model.config.num_text_tokens]
         self.last_token = torch.zeros((batch, 1), dtype = torch.long, device = model.device)
         self.position = torch.zeros(1, dtype = torch.long, device = model.device)
         self.step = self._step
@@ -116,7 +115,8 @@ class TextDecoder:
         backends = sdpa_kernel([SDPBackend.MATH]) if tokens.device.type == 'cpu' else nullcontext()
         with backends:   # compiled=False: the step is compiled as a whole (or not at all), never block by block
             hidden = model.transformer(model.token_embedding(tokens), positions[None], mask, cache = self.cache.layer_views(positions), compiled = False)
-        return F.linear(hidden[:, -1], self.text_head)
+        # the head is read each step: .to(), load_state_dict(assign=True) replace the weight
+        return F.linear(hidden[:, -1], model.to_logits.weight[:model.config.num_text_tokens])
 
     def prefill(self, prompt: Tensor, temperature: float, min_p: float) -> Tensor:
         """Encode Int['b p'] prompts (eagerly: prompt lengths vary), choose the first new token
@@ -125,6 +125,15 @@ class TextDecoder:
         self.last_token.copy_(choose_tokens(logits, temperature, min_p)[:, None])
         self.position.fill_(prompt.shape[1])
         return self.last_token
+
+
+def check_text_sampling(temperature: float, min_p: float, temperature_name: str = 'temperature', min_p_name: str = 'min_p') -> None:
+    """Temperature >= 0 (0 is greedy) and min-p in [0, 1]: a negative temperature would favour
+    the least likely tokens (and the special tokens masked to -inf), a min-p above 1 keep none."""
+    if not temperature >= 0:
+        raise ValueError(f'{temperature_name} must be >= 0 (0 is greedy), got {temperature}')
+    if not 0 <= min_p <= 1:
+        raise ValueError(f'{min_p_name} must lie in [0, 1], got {min_p}')
 
 
 def skip_guard_checks():
@@ -162,6 +171,7 @@ def generate_text_only(
 ) -> Tensor:
     """Continue Int['b p'] prompts to seq_len tokens; returns the Int['b (seq_len - p)'] new tokens.
     Only text ids are produced (special tokens are never sampled)."""
+    check_text_sampling(temperature, min_p)
     if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.is_floating_point() or prompt.dtype == torch.bool:
         raise ValueError(f'prompt must be integer token ids of shape (b, p) with p >= 1, got {tuple(prompt.shape)} {prompt.dtype}')
     text_count = model.config.num_text_tokens

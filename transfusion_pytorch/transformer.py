@@ -141,6 +141,11 @@ class Transformer(nn.Module):
         self._compiled_blocks = None
         self._compiled_stack = None
 
+    def __getstate__(self) -> dict:
+        """Compiled callables are a per-process cache: pickling (torch.save of the whole module,
+        deepcopy as in AveragedModel) leaves them out and the copy compiles its own."""
+        return {**super().__getstate__(), '_compiled_blocks': None, '_compiled_stack': None}
+
     def _block_callables(self, compiled: bool) -> list:
         if not compiled:
             return list(self.blocks)

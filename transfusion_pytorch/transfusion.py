@@ -100,6 +100,13 @@ class Transfusion(nn.Module):
         count = config.num_modalities
         self.modalities = Modalities(config, _per_modality(encoders, count), _per_modality(decoders, count), train_encoders)
 
+    def __getstate__(self) -> dict:
+        """Text decoders (KV caches, compiled steps) are a per-process cache, left out of pickles
+        and deep copies."""
+        state = super().__getstate__()
+        state.pop('_text_decoders', None)
+        return state
+
     @property
     def device(self) -> torch.device:
         return self.token_embedding.weight.device
@@ -237,12 +244,13 @@ class Transfusion(nn.Module):
         prompts: each None, text (Int['t']), a modality (a floating tensor, or (index, tensor),
             raw data when there is an encoder) or a whole interleaved sample (a list of items).
         max_length: tokens per sample in all (BOS, prompt, special, latent tokens).
-        text_temperature, text_min_p: text sampling (temperature 0 is greedy); min-p keeps
-            tokens with p >= text_min_p * p_max.
+        text_temperature, text_min_p: text sampling (temperature >= 0, 0 is greedy); min-p in
+            [0, 1] keeps tokens with p >= text_min_p * p_max.
         cache_kv: static KV cache; False recomputes the whole sequence each step (same result).
         modality_steps, ode_method: torchdiffeq solver and its number of equal steps over t in
             [0, 1]; evaluations of the network = modality_steps x (1 euler, 2 midpoint, 4 rk4).
-        fixed_modality_shape: a shape for every modality with that many axes, or {index: shape}.
+        fixed_modality_shape: one shape for every modality it fits (number of axes, fixed shape,
+            downsample factor, max_shape_value), or {index: shape}.
         force_modality_at_start: start with this modality index, or (index, shape).
         cfg_scale: classifier-free guidance; the unconditional branch (latents seeing only their
             own instance) runs in the same forward; 1 disables it at no extra cost.
@@ -278,16 +286,22 @@ class Transfusion(nn.Module):
         """Float['b ...'] instances of one modality generated unconditionally (after BOS), in the
         user's layout and decoded; the shape is fixed_modality_shape or the default shape.
         The other keywords are those of `sample_many`."""
-        from .sampling import sample_many
-        shape = fixed_modality_shape or self.config.modalities[modality_type].default_shape
+        from .sampling import forced_start, sample_many
+        count = self.config.num_modalities
+        if not 0 <= modality_type < count:
+            raise ValueError(f'modality_type {modality_type} is not a modality of this model ({count} modalit{"y" if count == 1 else "ies"})')
+        if batch_size < 1:
+            raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+        spec = self.config.modalities[modality_type]
+        shape = fixed_modality_shape if fixed_modality_shape is not None else spec.default_shape
         if shape is None:
             raise ValueError(f'modality {modality_type} has no default shape: pass fixed_modality_shape')
-        spec = self.config.modalities[modality_type]
-        token_shape = spec.token_shape(tuple(shape))
+        _, shape = forced_start(self, (modality_type, shape), 'fixed_modality_shape')   # a shape training would accept
+        token_shape = spec.token_shape(shape)
         length = 2 + (len(self.vocab.shape_ids(token_shape)) if spec.shape_tokens else 0) + math.prod(token_shape) + 1
         samples = sample_many(
             self, [None] * batch_size, max_length = length, modality_steps = modality_steps, ode_method = ode_method,
-            cfg_scale = cfg_scale, force_modality_at_start = (modality_type, tuple(shape)), seed = seed,
+            cfg_scale = cfg_scale, force_modality_at_start = (modality_type, shape), seed = seed,
             show_progress = show_progress, stop_after_modality = True, cuda_graphs = cuda_graphs,
         )
         return torch.stack([sample[-1][1] for sample in samples])
