@@ -45,6 +45,24 @@ def test_encoder_errors_name_the_item():
         model([[randn(3, 2, 2)], [randn(4, 2, 2)]])
 
 
+class Pair(nn.Module):
+    """An encoder returning (latent, extra), as VAE-style encoders often do."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 1)
+
+    def forward(self, x):
+        return self.proj(x), x
+
+
+def test_encoder_returning_a_tuple_is_named():
+    model = Transfusion(num_text_tokens = 8, dim_latent = 16, channel_first_latent = True, modality_default_shape = (2, 2),
+                        modality_encoder = Pair(), transformer = dict(dim = 32, depth = 1))
+    with pytest.raises(TypeError, match = r'sample 0 item 0: modality 0 encoder must return one latent tensor per input.*got tuple'):
+        model([[randn(3, 2, 2)]])
+
+
 def test_frozen_encoder_with_batchnorm_keeps_its_statistics():
     encoder = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
     model = Transfusion(num_text_tokens = 8, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),

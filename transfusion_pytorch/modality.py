@@ -131,11 +131,15 @@ class Modalities(nn.Module):
         outputs = [None] * len(entries)
         for shape, positions in by_shape.items():
             stacked = torch.stack([entries[p][2] for p in positions]).to(device)
+            where = ', '.join(f'sample {entries[p][0]} item {entries[p][1]}' for p in positions[:3])
             try:
                 encoded = self._run_coder(encoder, stacked, trainable = self.train_encoders)
             except Exception as error:
-                where = ', '.join(f'sample {entries[p][0]} item {entries[p][1]}' for p in positions[:3])
                 raise ValueError(f'{where}: modality {modality} encoder failed on input of shape {shape}: {error}') from error
+            if not torch.is_tensor(encoded) or encoded.shape[:1] != stacked.shape[:1]:
+                got = f'shape {tuple(encoded.shape)}' if torch.is_tensor(encoded) else type(encoded).__name__
+                raise TypeError(f'{where}: modality {modality} encoder must return one latent tensor per input, batched like '
+                                f'its input {tuple(stacked.shape)}; got {got}')
             for p, latent in zip(positions, encoded.unbind(0)):
                 outputs[p] = latent
         return outputs
