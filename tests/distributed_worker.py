@@ -65,12 +65,13 @@ def main(workdir: Path) -> None:
     dist.init_process_group('gloo', timeout = timedelta(seconds = 60))
     rank = dist.get_rank()
     inputs = torch.load(workdir / 'inputs.pt', weights_only = True)
-    config = TransfusionConfig.from_dict(inputs['config'])
     mesh = init_device_mesh('cpu', (dist.get_world_size(),))
     results = {}
-    for case, per_rank in inputs['cases'].items():
-        for wrapping in WRAPPINGS:
-            results[f'{wrapping}/{case}'] = gradients(wrapping, config, inputs['state'], per_rank[rank], mesh)
+    for name, model in inputs['models'].items():
+        config = TransfusionConfig.from_dict(model['config'])
+        for case, per_rank in inputs['cases'].items():
+            for wrapping in WRAPPINGS:
+                results[f'{name}/{wrapping}/{case}'] = gradients(wrapping, config, model['state'], per_rank[rank], mesh)
     if rank == 0:
         torch.save(results, workdir / 'grads.pt')
     dist.barrier()

@@ -31,9 +31,13 @@ WORKER = Path(__file__).with_name('distributed_worker.py')
 WRAPPINGS = ('ddp', 'fsdp_blocks', 'fsdp_model')
 
 
-def small_model(**transformer) -> Transfusion:
-    return tiny_model(time_conditioning = 'adaptive',
+def small_model(modality_experts: bool = False, **transformer) -> Transfusion:
+    return tiny_model(time_conditioning = 'adaptive', modality_experts = modality_experts,
                       transformer = dict(dim = 32, depth = 2, heads = 2, dim_head = 16, **transformer))
+
+
+# expert weights sit in the blocks, which FSDP2 (per block) gathers only while they run
+MODELS = {'plain': {}, 'experts': dict(modality_experts = True)}
 
 
 def rank_input(seed: int, layout: str):
@@ -94,32 +98,38 @@ def torchrun_gradients(tmp_path_factory):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip('needs torch.distributed with the gloo backend')
     torch.manual_seed(0)
-    model = small_model()
-    inputs = {'config': model.config.to_dict(), 'state': model.state_dict(), 'cases': case_inputs()}
+    models = {name: small_model(**options) for name, options in MODELS.items()}
+    inputs = {'models': {name: {'config': m.config.to_dict(), 'state': m.state_dict()} for name, m in models.items()},
+              'cases': case_inputs()}
     workdir = tmp_path_factory.mktemp('torchrun')
     torch.save(inputs, workdir / 'inputs.pt')
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(WORKER), str(workdir)]
     result = subprocess.run(command, capture_output = True, text = True, timeout = 240, env = {**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return model.config, inputs['state'], inputs['cases'], torch.load(workdir / 'grads.pt', weights_only = True)
+    models = {name: (m.config, inputs['models'][name]['state']) for name, m in models.items()}
+    return models, inputs['cases'], torch.load(workdir / 'grads.pt', weights_only = True)
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize('model', MODELS)
 @pytest.mark.parametrize('wrapping', WRAPPINGS)
-def test_balanced_ranks_match_the_union_batch(torchrun_gradients, wrapping):
-    config, state, cases, grads = torchrun_gradients
-    assert_same_gradients(grads[f'{wrapping}/balanced'], union_gradients(config, state, cases['balanced']))
+def test_balanced_ranks_match_the_union_batch(torchrun_gradients, wrapping, model):
+    models, cases, grads = torchrun_gradients
+    config, state = models[model]
+    assert_same_gradients(grads[f'{model}/{wrapping}/balanced'], union_gradients(config, state, cases['balanced']))
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize('model', MODELS)
 @pytest.mark.parametrize('wrapping', WRAPPINGS)
 @pytest.mark.parametrize('case', ['rank_without_a_modality', 'text_only_rank'])
-def test_unequal_ranks_match_the_mean_of_rank_losses(torchrun_gradients, wrapping, case):
+def test_unequal_ranks_match_the_mean_of_rank_losses(torchrun_gradients, wrapping, case, model):
     """A rank without modality 1 (or without any modality) still sends a gradient for every
     parameter, so plain DDP (no find_unused_parameters) and FSDP2 run a second iteration and
     agree with one process; modality 1's head learns from rank 0 alone."""
-    config, state, cases, grads = torchrun_gradients
-    actual = grads[f'{wrapping}/{case}']
+    models, cases, grads = torchrun_gradients
+    config, state = models[model]
+    actual = grads[f'{model}/{wrapping}/{case}']
     assert_same_gradients(actual, rank_mean_gradients(config, state, cases[case]))
     assert actual['modalities.projections.1.proj_out.weight'].abs().sum() > 0
 

@@ -38,16 +38,28 @@ class ExpertLinear(nn.Module):
         self.experts = nn.ModuleList([nn.Linear(dim_in, dim_out, bias = bias) for _ in range(experts)])
 
     def forward(self, x: Tensor, routing: Routing | None) -> Tensor:
-        """Float['b n i'] -> Float['b n o']."""
+        """Float['b n i'] -> Float['b n o']. Experts no token uses still get a (zero) gradient."""
         if routing is None:
-            return run_linear(self.experts[TEXT_EXPERT], x)
+            routing = Routing.single(TEXT_EXPERT)
         if len(routing.groups) == 1 and routing.groups[0][1] is None:
-            return run_linear(self.experts[routing.groups[0][0]], x)
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat.new_zeros(flat.shape[0], self.experts[0].out_features)
-        for expert, index in routing.groups:
-            out = out.index_copy(0, index, run_linear(self.experts[expert], flat[index]).to(out.dtype))
-        return out.reshape(*x.shape[:-1], -1)
+            out = run_linear(self.experts[routing.groups[0][0]], x)
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            out = flat.new_zeros(flat.shape[0], self.experts[0].out_features)
+            for expert, index in routing.groups:
+                out = out.index_copy(0, index, run_linear(self.experts[expert], flat[index]).to(out.dtype))
+            out = out.reshape(*x.shape[:-1], -1)
+        anchor = self.unused_anchor({expert for expert, _ in routing.groups})
+        return out if anchor is None else out + anchor.to(out.dtype)
+
+    def unused_anchor(self, used: set[int]) -> Tensor | None:
+        """Zero that depends on the experts no token used, so that every parameter gets a gradient
+        (DDP without find_unused_parameters). It is taken here, inside the block, because FSDP2
+        gathers a block's weights only while the block runs."""
+        unused = [p for e, layer in enumerate(self.experts) if e not in used for p in layer.parameters() if p.requires_grad]
+        if not unused or not torch.is_grad_enabled():
+            return None
+        return sum(0. * p.sum() for p in unused)
 
 
 def linear(dim_in: int, dim_out: int, experts: int, bias: bool = True) -> nn.Module:

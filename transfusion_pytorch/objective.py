@@ -118,9 +118,7 @@ def unused_parameter_anchor(model, present: set[int]) -> Tensor:
     conditioning without instances), so every parameter gets a gradient and DDP needs no
     find_unused_parameters."""
     unused = [p for m, proj in enumerate(model.modalities.projections) if m not in present for p in proj.parameters()]
-    if model.config.modality_experts:  # absent modalities' expert weights in every block
-        unused += [p for name, p in model.transformer.named_parameters()
-                   if '.experts.' in name and int(name.split('.experts.')[1].split('.')[0]) - 1 not in present | {-1}]
+    # (absent modalities' expert weights are anchored inside the blocks: experts.ExpertLinear)
     if not present:
         for module in (model.modalities.time_embedding, model.modalities.adaptive):
             unused += list(module.parameters()) if module is not None else []
