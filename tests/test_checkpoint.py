@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn, randn
 
-from transfusion_pytorch import Transfusion, checkpoint
+from transfusion_pytorch import Transfusion, checkpoint, checkpoint_files
 from transfusion_pytorch.checkpoint import load_training_state, make_ema, save_training_state
 
 from conftest import mixed_batch, tiny_model
@@ -100,6 +100,8 @@ def test_encoders_are_passed_again_and_saved_only_when_asked(tmp_path):
     (lambda m: m['config'].update(new_field = 1), ValueError, r"cannot be read by transfusion_pytorch .*unknown TransfusionConfig fields \['new_field'\]"),
     (lambda m: m['payload'].update(name = '../weights-0000000000000000.pt'), ValueError, 'invalid payload name'),
     (lambda m: m.update(format = 'something.else'), ValueError, 'is not a transfusion_pytorch.pretrained manifest'),
+    (lambda m: m.update(payload = 'weights.pt'), ValueError, '"payload" must be an object with string "name" and "sha256"'),
+    (lambda m: m.update(modality_encoders = 1), ValueError, '"modality_encoders" must be a list of booleans, got 1'),
 ])
 def test_bad_checkpoints_are_refused_clearly(tmp_path, edit, error, message):
     tiny_model().save_pretrained(tmp_path)
@@ -135,7 +137,7 @@ def test_weights_never_unpickle_arbitrary_objects(tmp_path):
     marker = tmp_path / 'code_ran'
     weights = payload_path(tmp_path)
     torch.save({'token_embedding.weight': Payload(marker)}, weights)
-    edit_manifest(tmp_path, lambda m: m['payload'].update(sha256 = checkpoint._file_sha256(weights)))
+    edit_manifest(tmp_path, lambda m: m['payload'].update(sha256 = checkpoint_files._file_sha256(weights)))
     with pytest.raises(ValueError, match = 'refusing to unpickle'):
         Transfusion.from_pretrained(tmp_path)
     assert not marker.exists()
@@ -148,11 +150,11 @@ class Crash(Exception):
 def crash_at(monkeypatch, stage: str) -> None:
     """Make the next save fail while writing the weights, renaming them, or renaming the manifest."""
     if stage == 'writing_weights':
-        class Failing(checkpoint._HashingWriter):
+        class Failing(checkpoint_files._HashingWriter):
             def write(self, data):
                 super().write(data)
                 raise Crash
-        monkeypatch.setattr(checkpoint, '_HashingWriter', Failing)
+        monkeypatch.setattr(checkpoint_files, '_HashingWriter', Failing)
         return
     calls, original = [], os.replace
     fail_on = 1 if stage == 'renaming_weights' else 2
@@ -162,7 +164,7 @@ def crash_at(monkeypatch, stage: str) -> None:
         if len(calls) == fail_on:
             raise Crash
         original(src, dst)
-    monkeypatch.setattr(checkpoint.os, 'replace', replace)
+    monkeypatch.setattr(checkpoint_files.os, 'replace', replace)
 
 
 @pytest.mark.parametrize('stage', ['writing_weights', 'renaming_weights', 'renaming_manifest'])
@@ -240,3 +242,54 @@ def test_resume_in_a_fresh_process_continues_exactly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / 'out' / 'losses.json').read_text()) == expected[n:]
     assert_same_state(Transfusion.from_pretrained(tmp_path / 'out' / 'ema'), straight.ema.module)
+
+
+def test_extra_that_could_not_be_loaded_is_refused_before_anything_is_written(tmp_path):
+    """weights_only loading refuses non-plain objects: saving one would replace a good
+    checkpoint with one that cannot be read."""
+    run = training_run(make_model())
+    save_training_state(tmp_path, run.model, run.optimizer, step = 1, extra = {'epoch': 1})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for bad, named in ((Path('data'), r"extra\['path'\]: pathlib.*PosixPath|extra\['path'\]: pathlib"),
+                       (np.float64(0.5) if np is not None else object(), r"extra\['path'\]"),
+                       ([1, {'deep': object()}], r"extra\['path'\]\[1\]\['deep'\]: builtins.object")):
+        with pytest.raises(TypeError, match = named):
+            save_training_state(tmp_path, run.model, run.optimizer, step = 2, extra = {'path': bad})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert load_training_state(tmp_path, run.model, run.optimizer).extra == {'epoch': 1}
+
+
+def test_training_state_refuses_other_optimizers_schedulers_and_missing_coders(tmp_path):
+    run = training_run(make_model())
+    scheduler = torch.optim.lr_scheduler.LinearLR(run.optimizer)
+    save_training_state(tmp_path, run.model, run.optimizer, step = 1, scheduler = scheduler)
+    other = training_run(make_model())
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(other.optimizer, 10)
+    with pytest.raises(ValueError, match = 'saved with a LinearLR scheduler, got a CosineAnnealingLR'):
+        load_training_state(tmp_path, other.model, other.optimizer, scheduler = cosine)
+    with pytest.raises(ValueError, match = 'saved with a AdamW optimizer, got a SGD'):
+        load_training_state(tmp_path, other.model, torch.optim.SGD(other.model.parameters(), lr = 0.1))
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+
+    encoded = Transfusion(num_text_tokens = 8, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                          modality_encoder = nn.Conv2d(3, 8, 1), transformer = dict(dim = 32, depth = 1))
+    optimizer = torch.optim.AdamW(encoded.parameters())
+    save_training_state(tmp_path / 'coders', encoded, optimizer, step = 0)
+    bare = Transfusion.from_config(encoded.config)
+    with pytest.raises(ValueError, match = 'saved with a modality_encoder for modality 0'):
+        load_training_state(tmp_path / 'coders', bare, torch.optim.AdamW(bare.parameters()))
+
+
+def test_a_training_manifest_without_a_step_is_refused_before_loading(tmp_path):
+    run = training_run(make_model())
+    save_training_state(tmp_path, run.model, run.optimizer, step = 1)
+    manifest = tmp_path / checkpoint.TRAINING_MANIFEST
+    data = json.loads(manifest.read_text())
+    del data['step']
+    manifest.write_text(json.dumps(data))
+    other = training_run(make_model())
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(ValueError, match = '"step" must be a non-negative integer, got None'):
+        load_training_state(tmp_path, other.model, other.optimizer)
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())

@@ -9,12 +9,9 @@ share a directory):
   version, config, step) and `state-<hash>.pt`: model, optimizer, EMA and scheduler state dicts,
   RNG states and the caller's extras.
 
-Payloads are read with torch.load(weights_only=True): tensors and plain containers only, no code.
-Every file is written to a temporary file in the same directory, fsynced and moved into place
-with os.replace (atomic). Payloads are named by content hash and written before the manifest that
-names them, so replacing the manifest is the single commit point: after a crash at any moment the
-directory holds the previous checkpoint or the new one, whole; the next save removes leftovers.
-Loading checks each payload's sha256. One writer per directory at a time.
+The files are written and read by checkpoint_files.py: atomically (a crash leaves the previous
+checkpoint or the new one, whole), hashed, and loaded with torch.load(weights_only=True), so
+loading runs no code. Everything a load needs is checked before anything is changed.
 
 Encoders/decoders (user modules the config does not describe) are passed again at load time;
 their weights are saved only with include_coders=True (in a training state, by default when they
@@ -24,172 +21,23 @@ RNG states saved are the calling process's.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
-import pickle
-import re
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .checkpoint_files import FORMAT_VERSION, PRETRAINED_MANIFEST, TRAINING_MANIFEST, read_manifest, read_payload, save_checkpoint
 from .config import TransfusionConfig
 from .rng import rng_state, set_rng_state
 from .version import __version__
 
-FORMAT_VERSION = 1
-PRETRAINED_MANIFEST = 'config.json'
-TRAINING_MANIFEST = 'training_state.json'
-_FORMATS = {PRETRAINED_MANIFEST: 'transfusion_pytorch.pretrained', TRAINING_MANIFEST: 'transfusion_pytorch.training_state'}
-_PAYLOAD_NAME = re.compile(r'(weights|state)-[0-9a-f]{16}\.pt')
-_TEMP_PREFIX = '.tmp-transfusion-'
 _CODER_PREFIXES = ('modalities.encoders.', 'modalities.decoders.')
 # transformer options that change how the network runs, not what it computes
 RUNTIME_OPTIONS = ('attention_backend', 'compile_blocks', 'compile_stack', 'compile_options', 'checkpoint_activations', 'ff_pad_multiple')
-
-
-# atomic files
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable (POSIX); Windows cannot open a directory, nor needs to."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _commit_file(directory: Path, write: Callable[[BinaryIO], str]) -> str:
-    """`write` fills a temporary file in `directory` and returns the final name; the file is
-    fsynced and renamed into place, so a reader sees the old file or the new one, never a part."""
-    fd, temp = tempfile.mkstemp(prefix = _TEMP_PREFIX, dir = directory)
-    try:
-        with os.fdopen(fd, 'wb') as file:
-            name = write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, 0o644)                     # mkstemp makes it owner-only
-        os.replace(temp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    _fsync_directory(directory)
-    return name
-
-
-class _HashingWriter:
-    """A write-only file that hashes what passes through, so a payload is hashed as it is saved."""
-
-    def __init__(self, file: BinaryIO):
-        self.file, self.sha256 = file, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _write_payload(directory: Path, kind: str, payload: dict) -> dict:
-    digest = {}
-
-    def write(file: BinaryIO) -> str:
-        writer = _HashingWriter(file)
-        torch.save(payload, writer)
-        digest['sha256'] = writer.sha256.hexdigest()
-        return f'{kind}-{digest["sha256"][:16]}.pt'
-
-    name = _commit_file(directory, write)
-    return {'name': name, 'sha256': digest['sha256']}
-
-
-def _save(directory: str | os.PathLike, manifest_name: str, manifest: dict, kind: str, payload: dict) -> None:
-    """Payload first, then the manifest (the commit point), then cleanup."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        directory.mkdir(parents = True)
-        _fsync_directory(directory.parent)
-    manifest = {'format': _FORMATS[manifest_name], 'format_version': FORMAT_VERSION,
-                'library_version': __version__, **manifest, 'payload': _write_payload(directory, kind, payload)}
-
-    def write_manifest(file: BinaryIO) -> str:
-        file.write(json.dumps(manifest, indent = 2).encode())
-        return manifest_name
-
-    _commit_file(directory, write_manifest)
-    _prune(directory)
-
-
-def _prune(directory: Path) -> None:
-    """Remove temporaries of interrupted saves and payloads no manifest names. If a manifest
-    cannot be read, keep everything: better a stale file than a deleted checkpoint."""
-    referenced = set()
-    for manifest_name in _FORMATS:
-        path = directory / manifest_name
-        if path.exists():
-            try:
-                referenced.add(json.loads(path.read_text())['payload']['name'])
-            except (ValueError, KeyError, TypeError, OSError):
-                return
-    for path in directory.iterdir():
-        stale = path.name.startswith(_TEMP_PREFIX) or (_PAYLOAD_NAME.fullmatch(path.name) and path.name not in referenced)
-        if stale:
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-
-# reading
-
-def _read_manifest(directory: str | os.PathLike, manifest_name: str) -> dict:
-    path = Path(directory) / manifest_name
-    if not path.is_file():
-        raise FileNotFoundError(f'no checkpoint at {directory}: {manifest_name} is missing')
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f'{path} is not valid JSON: {error}') from error
-    if not isinstance(manifest, dict) or manifest.get('format') != _FORMATS[manifest_name]:
-        raise ValueError(f'{path} is not a {_FORMATS[manifest_name]} manifest')
-    version = manifest.get('format_version')
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f'{path} has no valid format_version (got {version!r})')
-    if version > FORMAT_VERSION:
-        raise ValueError(f'{path} has checkpoint format version {version}, written by a newer transfusion_pytorch '
-                         f'({manifest.get("library_version")}); this one ({__version__}) reads versions up to {FORMAT_VERSION}: upgrade it')
-    return manifest
-
-
-def _file_sha256(path: Path) -> str:
-    sha256 = hashlib.sha256()
-    with open(path, 'rb') as file:
-        for chunk in iter(lambda: file.read(1 << 20), b''):
-            sha256.update(chunk)
-    return sha256.hexdigest()
-
-
-def _read_payload(directory: str | os.PathLike, manifest: dict, map_location) -> dict:
-    entry = manifest.get('payload') or {}
-    name = entry.get('name', '')
-    if not isinstance(name, str) or not _PAYLOAD_NAME.fullmatch(name):      # also refuses paths like ../x
-        raise ValueError(f'checkpoint at {directory}: invalid payload name {name!r}')
-    path = Path(directory) / name
-    if not path.is_file():
-        raise FileNotFoundError(f'checkpoint at {directory}: payload {name} is missing')
-    if _file_sha256(path) != entry.get('sha256'):
-        raise ValueError(f'{path} is corrupt: its sha256 does not match the manifest')
-    try:
-        return torch.load(path, map_location = map_location, weights_only = True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f'{path} holds objects other than tensors and plain containers; refusing to unpickle them: {error}') from error
 
 
 def _config_from_manifest(manifest: dict, where: str) -> TransfusionConfig:
@@ -202,7 +50,7 @@ def _config_from_manifest(manifest: dict, where: str) -> TransfusionConfig:
 def load_config(directory: str | os.PathLike) -> TransfusionConfig:
     """The TransfusionConfig of a pretrained checkpoint or, failing that, of a training state."""
     name = PRETRAINED_MANIFEST if (Path(directory) / PRETRAINED_MANIFEST).exists() else TRAINING_MANIFEST
-    return _config_from_manifest(_read_manifest(directory, name), str(Path(directory) / name))
+    return _config_from_manifest(read_manifest(directory, name), str(Path(directory) / name))
 
 
 # model state
@@ -274,7 +122,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, include_code
         'modality_decoders': list(modalities.has_decoder), 'train_modality_encoders': modalities.train_encoders,
         'coder_weights': bool(include_coders),
     }
-    _save(directory, PRETRAINED_MANIFEST, manifest, 'weights', _module_state(model, include_coders))
+    save_checkpoint(directory, PRETRAINED_MANIFEST, manifest, 'weights', _module_state(model, include_coders))
 
 
 def _check_coders(model: nn.Module, manifest: dict, where: str) -> None:
@@ -299,7 +147,7 @@ def load_pretrained(directory: str | os.PathLike, modality_encoder = None, modal
         `compile_blocks=True` or `attention_backend='flex'` for a GPU.
     """
     where = str(Path(directory) / PRETRAINED_MANIFEST)
-    manifest = _read_manifest(directory, PRETRAINED_MANIFEST)
+    manifest = read_manifest(directory, PRETRAINED_MANIFEST)
     config = _config_from_manifest(manifest, where)
     unknown = set(runtime_options) - set(RUNTIME_OPTIONS)
     if unknown:
@@ -312,7 +160,7 @@ def load_pretrained(directory: str | os.PathLike, modality_encoder = None, modal
         train_modality_encoders = bool(manifest.get('train_modality_encoders', False))
     model = model_class.from_config(config, modality_encoder, modality_decoder, train_modality_encoders)
     _check_coders(model, manifest, where)
-    state = _read_payload(directory, manifest, map_location)
+    state = read_payload(directory, manifest, map_location)
     with_coders = bool(manifest.get('coder_weights', False))
     _check_state_fits(model, state, with_coders, where)
     model.load_state_dict(state, strict = False)    # strict about everything but coders, checked above
@@ -336,6 +184,26 @@ class TrainingState:
     extra: dict = field(default_factory = dict)
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value, where: str) -> None:
+    """`extra` holds tensors and plain containers only: anything else could be saved but not
+    loaded with weights_only=True, and the save would have replaced a good checkpoint."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f'{where}: keys must be strings or ints, got {type(key).__name__}')
+            _check_plain(item, f'{where}[{key!r}]')
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f'{where}[{index}]')
+    elif not isinstance(value, torch.Tensor) and type(value) not in _PLAIN:    # exact types: np.float64 is a float
+        raise TypeError(f'{where}: {type(value).__module__}.{type(value).__name__} cannot be loaded back safely; '
+                        'extra holds tensors, numbers, strings, None and lists/tuples/dicts of them '
+                        '(convert it, e.g. torch.as_tensor(array), float(x), str(path))')
+
+
 def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
                         ema: AveragedModel | None = None, scheduler = None, extra: dict | None = None,
                         include_coders: bool | None = None) -> None:
@@ -344,6 +212,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     include_coders: save encoder/decoder weights; by default when they are trained."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f'step must be a non-negative int, got {step!r}')
+    _check_plain(extra or {}, 'extra')
     model = _unwrap(model)
     include = model.modalities.train_encoders if include_coders is None else bool(include_coders)
     payload = {'model': _module_state(model, include), 'optimizer': optimizer.state_dict(), 'rng': rng_state(), 'extra': extra or {}}
@@ -352,8 +221,18 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     if scheduler is not None:
         payload['scheduler'] = scheduler.state_dict()
     manifest = {'config': model.config.to_dict(), 'step': step, 'coder_weights': include,
-                'has_ema': ema is not None, 'has_scheduler': scheduler is not None}
-    _save(directory, TRAINING_MANIFEST, manifest, 'state', payload)
+                'modality_encoders': list(model.modalities.has_encoder), 'modality_decoders': list(model.modalities.has_decoder),
+                'has_ema': ema is not None, 'has_scheduler': scheduler is not None,
+                'optimizer_class': type(optimizer).__name__, 'scheduler_class': type(scheduler).__name__ if scheduler is not None else None}
+    save_checkpoint(directory, TRAINING_MANIFEST, manifest, 'state', payload)
+
+
+def _check_same_classes(manifest: dict, optimizer, scheduler, where: str) -> None:
+    """An optimizer or scheduler of another kind would take the state partly, or fail halfway."""
+    for kind, given in (('optimizer', optimizer), ('scheduler', scheduler)):
+        saved = manifest.get(f'{kind}_class')
+        if given is not None and saved is not None and type(given).__name__ != saved:
+            raise ValueError(f'{where}: the training state was saved with a {saved} {kind}, got a {type(given).__name__}')
 
 
 def load_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -363,10 +242,12 @@ def load_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     saved (the model from `load_config(directory)`). Everything is checked before anything is
     changed; the model's config must equal the saved one up to RUNTIME_OPTIONS."""
     where = str(Path(directory) / TRAINING_MANIFEST)
-    manifest = _read_manifest(directory, TRAINING_MANIFEST)
+    manifest = read_manifest(directory, TRAINING_MANIFEST)
     model = _unwrap(model)
     _require_same_config(_config_from_manifest(manifest, where), model.config, where)
-    payload = _read_payload(directory, manifest, map_location)
+    _check_coders(model, manifest, where)
+    _check_same_classes(manifest, optimizer, scheduler, where)
+    payload = read_payload(directory, manifest, map_location)
     with_coders = bool(manifest.get('coder_weights', False))
     _check_state_fits(model, payload['model'], with_coders, where)
     for name, wanted in (('ema', ema), ('scheduler', scheduler)):
