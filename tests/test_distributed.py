@@ -13,6 +13,7 @@ differently, and the single-process equivalent is the gradient of the mean of th
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -132,6 +133,28 @@ def test_unequal_ranks_match_the_mean_of_rank_losses(torchrun_gradients, wrappin
     actual = grads[f'{model}/{wrapping}/{case}']
     assert_same_gradients(actual, rank_mean_gradients(config, state, cases[case]))
     assert actual['modalities.projections.1.proj_out.weight'].abs().sum() > 0
+
+
+@pytest.mark.distributed
+def test_two_process_runs_resume_exactly_under_ddp_and_fsdp2(tmp_path):
+    """Saving and loading a training state are collective: each rank gets its own RNG state
+    back (so the ranks keep drawing different times and noise) and an FSDP2-sharded model and
+    optimizer are gathered and scattered; 2 steps, save, load into a fresh model, 2 steps ==
+    4 steps straight, rank by rank. A DDP checkpoint also loads into the sharded model."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip('needs torch.distributed with the gloo backend')
+    worker = Path(__file__).with_name('resume_distributed_worker.py')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(worker), str(tmp_path)]
+    result = subprocess.run(command, capture_output = True, text = True, timeout = 240, env = {**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    per_rank = json.loads((tmp_path / 'results.json').read_text())
+    for rank, results in enumerate(per_rank):
+        for wrapping in ('ddp', 'fsdp_blocks'):
+            case = results[wrapping]
+            assert case['resumed'] == case['straight'], (rank, wrapping)
+            assert case['rng_differs'], wrapping
+        assert results['ddp_checkpoint_loads_sharded']
+    assert per_rank[0]['ddp']['straight'] != per_rank[1]['ddp']['straight']   # the ranks did see different data
 
 
 def test_union_batch_is_the_wrong_reference_when_ranks_differ():

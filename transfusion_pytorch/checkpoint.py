@@ -15,9 +15,11 @@ loading runs no code. Everything a load needs is checked before anything is chan
 
 Encoders/decoders (user modules the config does not describe) are passed again at load time;
 their weights are saved only with include_coders=True (in a training state, by default when they
-are trained) and are then loaded into the modules passed. Distributed: save on rank 0; DDP,
-AveragedModel and torch.compile wrappers are unwrapped; FSDP2 shards must be gathered first; the
-RNG states saved are the calling process's.
+are trained) and are then loaded into the modules passed. DDP, AveragedModel and torch.compile
+wrappers are unwrapped. Under torch.distributed with several ranks, saving and loading a training
+state are collective (distributed_state.py): every rank's RNG state is kept and restored, and an
+FSDP2-sharded model and optimizer are gathered for saving and scattered on loading.
+`save_pretrained` writes from the calling process: call it on rank 0, with an unsharded model.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint_files import FORMAT_VERSION, PRETRAINED_MANIFEST, TRAINING_MANIFEST, read_manifest, read_payload, save_checkpoint
 from .config import TransfusionConfig
-from .rng import rng_state, set_rng_state
+from .distributed_state import full_states, gathered_rng_states, is_sharded, load_full_states, on_rank_zero, restore_rng_state
 from .version import __version__
 
 _CODER_PREFIXES = ('modalities.encoders.', 'modalities.decoders.')
@@ -76,8 +78,9 @@ def _module_state(module: nn.Module, include_coders: bool, prefix: str = '') -> 
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
         if any(isinstance(v, DTensor) for v in state.values()):
-            raise TypeError('the model is sharded (FSDP2): gather a full state dict first, e.g. with torch.distributed.'
-                            'checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))')
+            raise TypeError('the model is sharded (FSDP2): save_training_state gathers it (call it on every rank); for '
+                            'save_pretrained, load a full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict('
+                            'model, options=StateDictOptions(full_state_dict=True))) into an unsharded Transfusion.from_config(model.config)')
     return {k: v for k, v in state.items() if include_coders or not _is_coder_key(k, prefix)}
 
 
@@ -207,15 +210,32 @@ def _check_plain(value, where: str) -> None:
 def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
                         ema: AveragedModel | None = None, scheduler = None, extra: dict | None = None,
                         include_coders: bool | None = None) -> None:
-    """Save everything needed to resume training exactly: model, optimizer, EMA, scheduler, this
-    process's RNG states, the step and `extra` (tensors and plain containers only), atomically.
-    include_coders: save encoder/decoder weights; by default when they are trained."""
+    """Save everything needed to resume training exactly: model, optimizer, EMA, scheduler, the
+    RNG states, the step and `extra` (tensors and plain containers only), atomically.
+    include_coders: save encoder/decoder weights; by default when they are trained.
+
+    With torch.distributed initialised and several ranks, call it on every rank (it is
+    collective): it gathers each rank's RNG state and, for an FSDP2-sharded model, the full
+    model and optimizer states; rank 0 writes."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f'step must be a non-negative int, got {step!r}')
     _check_plain(extra or {}, 'extra')
     model = _unwrap(model)
     include = model.modalities.train_encoders if include_coders is None else bool(include_coders)
-    payload = {'model': _module_state(model, include), 'optimizer': optimizer.state_dict(), 'rng': rng_state(), 'extra': extra or {}}
+    rng_states = gathered_rng_states()
+    if is_sharded(model):
+        model_state, optimizer_state = full_states(model, optimizer)
+        model_state = {k: v for k, v in model_state.items() if include or not _is_coder_key(k, '')}
+    else:
+        model_state, optimizer_state = _module_state(model, include), optimizer.state_dict()
+    payload = {'model': model_state, 'optimizer': optimizer_state, 'rng': rng_states[0], 'rng_per_rank': rng_states}
+    # no rank goes on (and perhaps loads) before the checkpoint is whole
+    on_rank_zero(lambda: _write_training_state(directory, model, optimizer, step, ema, scheduler, extra or {}, include, payload))
+
+
+def _write_training_state(directory, model: nn.Module, optimizer, step: int, ema, scheduler, extra: dict, include: bool,
+                          payload: dict) -> None:
+    payload['extra'] = extra
     if ema is not None:
         payload['ema'] = _module_state(ema, include, prefix = 'module.')
     if scheduler is not None:
@@ -240,7 +260,12 @@ def load_training_state(directory: str | os.PathLike, model: nn.Module, optimize
                         restore_rng: bool = True) -> TrainingState:
     """Restore a `save_training_state` checkpoint into the given objects, built as they were when
     saved (the model from `load_config(directory)`). Everything is checked before anything is
-    changed; the model's config must equal the saved one up to RUNTIME_OPTIONS."""
+    changed; the model's config must equal the saved one up to RUNTIME_OPTIONS.
+
+    With torch.distributed initialised and several ranks, call it on every rank (collective for
+    an FSDP2-sharded model): every rank reads the files, restores its own RNG state and, when
+    sharded, takes its shards of rank 0's full states. A checkpoint from an unsharded model
+    loads into a sharded one and the other way round."""
     where = str(Path(directory) / TRAINING_MANIFEST)
     manifest = read_manifest(directory, TRAINING_MANIFEST)
     model = _unwrap(model)
@@ -255,13 +280,16 @@ def load_training_state(directory: str | os.PathLike, model: nn.Module, optimize
             raise ValueError(f'{where}: the training state was saved without {"an EMA" if name == "ema" else "a scheduler"}')
     if ema is not None:
         _check_state_fits(ema, payload['ema'], with_coders, where, prefix = 'module.')
-    if optimizer is not None:
-        optimizer.load_state_dict(payload['optimizer'])       # validates before it changes anything
-    model.load_state_dict(payload['model'], strict = False)
+    if is_sharded(model):
+        load_full_states(model, optimizer, payload['model'], payload['optimizer'])
+    else:
+        if optimizer is not None:
+            optimizer.load_state_dict(payload['optimizer'])       # validates before it changes anything
+        model.load_state_dict(payload['model'], strict = False)
     if ema is not None:
         ema.load_state_dict(payload['ema'], strict = False)
     if scheduler is not None:
         scheduler.load_state_dict(payload['scheduler'])
     if restore_rng:
-        set_rng_state(payload['rng'])
+        restore_rng_state(payload.get('rng_per_rank') or [payload['rng']])
     return TrainingState(step = int(manifest['step']), extra = payload['extra'])

@@ -1,0 +1,108 @@
+"""Resuming a run of 2 processes, under DDP and under FSDP2 (per block, then the model).
+
+    torchrun --standalone --nproc_per_node 2 tests/resume_distributed_worker.py WORKDIR
+
+For each wrapping: 4 steps straight; then 2 steps, a collective save, a fresh model (other
+initial weights, other seeds) loading it, and 2 more steps. Each rank draws its own times, noise
+and dropout. Rank 0 writes WORKDIR/results.json: per wrapping and rank the straight and resumed
+losses of steps 3 and 4, whether the ranks' RNG states differ after the load, and whether a
+checkpoint saved under DDP loads into the sharded model with the same weights.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from transfusion_pytorch.checkpoint import load_training_state, save_training_state
+from transfusion_pytorch.distributed_state import full_states
+
+from resume_worker import batch_at, make_model
+
+warnings.filterwarnings('ignore', message = r'FSDP2-wrapped module .* returned a view tensor')
+
+
+def build(wrapping: str, seed: int, mesh):
+    torch.manual_seed(seed)                       # the same initial weights on every rank
+    model = make_model()
+    if wrapping == 'ddp':
+        wrapped = DistributedDataParallel(model)
+    else:
+        for block in model.transformer.blocks:
+            fully_shard(block, mesh = mesh)
+        wrapped = fully_shard(model, mesh = mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr = 3e-3, weight_decay = 0.1)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor = 0.25, total_iters = 4)
+    return model, wrapped, optimizer, scheduler
+
+
+def train(wrapped, optimizer, scheduler, start: int, stop: int) -> list[float]:
+    rank, losses = dist.get_rank(), []
+    for step in range(start, stop):
+        loss = wrapped(batch_at(100 * rank + step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def resume_case(wrapping: str, workdir: Path, mesh) -> dict:
+    rank = dist.get_rank()
+    model, wrapped, optimizer, scheduler = build(wrapping, 0, mesh)
+    torch.manual_seed(100 + rank)                 # each rank its own draws
+    straight = train(wrapped, optimizer, scheduler, 0, 4)
+
+    model, wrapped, optimizer, scheduler = build(wrapping, 0, mesh)
+    torch.manual_seed(100 + rank)
+    train(wrapped, optimizer, scheduler, 0, 2)
+    save_training_state(workdir / wrapping, wrapped, optimizer, step = 2, scheduler = scheduler)
+
+    model, wrapped, optimizer, scheduler = build(wrapping, 7, mesh)
+    torch.manual_seed(999)                        # the same on every rank: only the restore can tell them apart
+    state = load_training_state(workdir / wrapping, wrapped, optimizer, scheduler = scheduler)
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, torch.get_rng_state())
+    resumed = train(wrapped, optimizer, scheduler, state.step, 4)
+    return dict(straight = straight[2:], resumed = resumed, rng_differs = not torch.equal(states[0], states[1]))
+
+
+def ddp_checkpoint_loads_sharded(workdir: Path, mesh) -> bool:
+    """The DDP checkpoint (optimizer state by index) into a sharded model: its gathered state
+    equals the saved one."""
+    model, _, optimizer, _ = build('fsdp_blocks', 7, mesh)
+    load_training_state(workdir / 'ddp', model, optimizer, restore_rng = False)
+    model_state, optimizer_state = full_states(model, optimizer)
+    if dist.get_rank() != 0:
+        return True
+    saved = torch.load(next((workdir / 'ddp').glob('state-*.pt')), weights_only = True)
+    same_model = all(torch.equal(model_state[k], v) for k, v in saved['model'].items())
+    same_moments = all(torch.equal(optimizer_state['state'][i]['exp_avg'], s['exp_avg']) for i, s in saved['optimizer']['state'].items())
+    return same_model and same_moments
+
+
+def main(workdir: Path) -> None:
+    dist.init_process_group('gloo', timeout = timedelta(seconds = 120))
+    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    results = {wrapping: resume_case(wrapping, workdir, mesh) for wrapping in ('ddp', 'fsdp_blocks')}
+    results['ddp_checkpoint_loads_sharded'] = ddp_checkpoint_loads_sharded(workdir, mesh)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        (workdir / 'results.json').write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    torch.set_num_threads(1)
+    main(Path(sys.argv[1]))
