@@ -15,7 +15,7 @@ Workloads (each is a function `(model, cfg) -> Task`; `Task.step` is what gets t
     gen_text        `generate_text_only(prompt (1, 1), seq_len = 1 + new_tokens,
                     temperature = 1., min_p = 0.1, cache_kv = True)`: new tokens per second.
     gen_modality    `generate_modality_only(batch_size = 1, modality_type = 0,
-                    fixed_modality_shape = (n,), modality_steps = 16)`: seconds per sample, and
+                    fixed_modality_shape = (n,), modality_steps = MODALITY_STEPS[side])`: seconds per sample, and
                     the network function evaluations (NFE) counted with a forward pre-hook on
                     `model.transformer` during one extra, untimed call, and the forward FLOPs
                     of that call per latent token.

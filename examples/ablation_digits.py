@@ -3,7 +3,7 @@
 - attention inside an image causal (raster order) instead of bidirectional;
 - noise limiting for captioning off instead of on.
 
-Each variant is the default train_digits run with one switch flipped, for each seed; every run
+Each variant is the default train_digits run with one switch flipped, or both, for each seed; every run
 keeps its own outputs (samples.png, metrics.json, ...) under --output/<variant>-seed<k>/, and the
 summary goes to --output/ablation.json and a markdown table (--table).
 

@@ -63,6 +63,7 @@ library = {   # user errors the library explains itself, in debug mode too
     'a batch must be a list of samples': lambda: model('text'),
     'expects token ids of shape': lambda: model(torch.tensor([1, 2, 3])),
     'sample 0, item 1: text id 99': lambda: model([[torch.tensor([1]), torch.tensor([99])]]),
+    'a prompt must be a tensor, a (modality_index, tensor) pair or a list of items': lambda: model.sample(3.0),
 }
 
 def outcome(call):

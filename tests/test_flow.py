@@ -17,7 +17,8 @@ def test_path_endpoints_and_target():
     torch.testing.assert_close(numeric, flow.velocity_target(data, noise), atol = 1e-3, rtol = 1e-3)
 
 
-@pytest.mark.parametrize('method, steps, tolerance', [('euler', 400, 5e-3), ('midpoint', 16, 1e-3), ('rk4', 8, 1e-5), ('dopri5', 1, 1e-4)])
+@pytest.mark.parametrize('method, steps, tolerance', [('euler', 400, 5e-3), ('midpoint', 16, 1e-3), ('heun2', 16, 1e-3), ('heun3', 8, 1e-4),
+                                                       ('rk4', 8, 1e-5), ('dopri5', 1, 1e-4)])
 def test_integration_matches_an_analytic_field(method, steps, tolerance):
     """dx/dt = -x * 2t has x(1) = x(0) * exp(-1)."""
     x0 = torch.randn(4, 6)

@@ -1,6 +1,6 @@
 """From the user's list of samples to one packed token layout, validating on the way.
 
-Input conventions (DESIGN.md 1.2): a batch is a list of samples; a sample is a list of items
+Input conventions (README, Input conventions): a batch is a list of samples; a sample is a list of items
 (or a single item); an item is
 - an integer tensor: text, 1-D ids in [0, num_text_tokens) (0-d: one token);
 - a floating tensor: an instance of modality 0;

@@ -18,8 +18,10 @@ from torchdiffeq import odeint
 
 from .debug import typechecked
 
-# function evaluations per step of torchdiffeq's fixed-grid solvers
-EVALUATIONS_PER_STEP = {'euler': 1, 'midpoint': 2, 'rk4': 4}
+# torchdiffeq's fixed-grid solvers (they take the steps given) and, for the Runge-Kutta ones,
+# their function evaluations per step; every other method chooses its own steps
+FIXED_GRID_METHODS = ('euler', 'midpoint', 'heun2', 'heun3', 'rk4', 'explicit_adams', 'implicit_adams', 'fixed_adams')
+EVALUATIONS_PER_STEP = {'euler': 1, 'midpoint': 2, 'heun2': 2, 'heun3': 3, 'rk4': 4}
 
 
 def sample_times(count: int, method: str, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
@@ -60,15 +62,15 @@ def integrate(
 ) -> Float[Tensor, '*shape']:
     """Solve dx/dt = velocity(t, x) from x(0) = noise to t = 1; returns x(1).
 
-    steps: number of equal steps for the fixed-grid solvers ('euler', 'midpoint', 'rk4'), so
-        `steps * EVALUATIONS_PER_STEP[method]` calls of `velocity`; adaptive solvers
-        ('dopri5', ...) choose their own steps from rtol/atol and ignore it.
+    steps: number of equal steps for the fixed-grid solvers (FIXED_GRID_METHODS), so for the
+        Runge-Kutta ones `steps * EVALUATIONS_PER_STEP[method]` calls of `velocity`; adaptive
+        solvers ('dopri5', ...) choose their own steps from rtol/atol and ignore it.
     """
     if steps < 1:
         raise ValueError(f'modality_steps must be at least 1, got {steps}')
     grid = torch.linspace(0., 1., steps + 1, device = noise.device, dtype = torch.float32)
-    options = {} if method in EVALUATIONS_PER_STEP else dict(rtol = rtol, atol = atol)
-    if method not in EVALUATIONS_PER_STEP:
+    options = {} if method in FIXED_GRID_METHODS else dict(rtol = rtol, atol = atol)
+    if method not in FIXED_GRID_METHODS:
         grid = grid[[0, -1]]
     trajectory = odeint(velocity, noise, grid, method = method, **options)
     return trajectory[-1]

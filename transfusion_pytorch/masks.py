@@ -1,6 +1,6 @@
 """The attention rule as data, and its renderings for the two attention backends.
 
-Rule (DESIGN.md section 3): query token q may attend key token k iff they belong to the same
+Rule (the README's first paragraph): query token q may attend key token k iff they belong to the same
 sample and (k <= q, or q and k are latent tokens of the same modality instance). Begin, shape
 and end tokens are text-like (causal). Two variants, both per token:
 

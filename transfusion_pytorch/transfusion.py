@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -248,7 +249,8 @@ class Transfusion(nn.Module):
             [0, 1] keeps tokens with p >= text_min_p * p_max.
         cache_kv: static KV cache; False recomputes the whole sequence each step (same result).
         modality_steps, ode_method: torchdiffeq solver and its number of equal steps over t in
-            [0, 1]; evaluations of the network = modality_steps x (1 euler, 2 midpoint, 4 rk4).
+            [0, 1]; evaluations of the network = modality_steps x (1 euler, 2 midpoint or heun2,
+            3 heun3, 4 rk4); adaptive solvers ('dopri5', ...) choose their own steps.
         fixed_modality_shape: one shape for every modality it fits (number of axes, fixed shape,
             downsample factor, max_shape_value), or {index: shape}.
         force_modality_at_start: start with this modality index, or (index, shape).
@@ -275,8 +277,9 @@ class Transfusion(nn.Module):
         )
 
     @typechecked
-    def sample(self, prompt: Tensor | tuple | list | None = None, **kwargs) -> list:
-        """One sample; the keywords of `sample_many`."""
+    def sample(self, prompt: Any = None, **kwargs) -> list:
+        """One sample from `prompt` (None, text, a modality or a sample; see `sample_many`, which
+        checks it with its own messages); the keywords of `sample_many`."""
         return self.sample_many([prompt], **kwargs)[0]
 
     @typechecked
