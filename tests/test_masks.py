@@ -1,6 +1,7 @@
 """The attention rule: one rule, rendered as a dense mask and as a flex BlockMask, checked
 against a direct token-by-token reading of DESIGN.md's rule."""
 import random
+import warnings
 
 import pytest
 import torch
@@ -151,3 +152,41 @@ def test_sample_by_sample_attention_equals_whole_sequence_attention(seed):
     by_sample = segments.scatter(attend(segments.gather(q), segments.gather(k), segments.gather(v), rows))
     torch.testing.assert_close(by_sample, whole, atol = 1e-5, rtol = 1e-5)
     assert rows.dense.shape[-1] == max(b - a for a, b in slices) < len(document)
+
+
+@torch.no_grad()   # flex attention has no CPU backward
+def test_flex_attention_serves_many_sequence_lengths_compiled():
+    """Packed batches of 11 lengths (up to 11 flex tiles) match SDPA, and none falls back to
+    the unfused flex path that static shapes reached after the recompile limit."""
+    from transfusion_pytorch import Transfusion
+    options = dict(num_text_tokens = 16, dim_latent = 8, modality_default_shape = (2,))
+    torch.manual_seed(0)
+    dense = Transfusion(**options, transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16))
+    flex = Transfusion(**options, transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16, attention_backend = 'flex'))
+    flex.load_state_dict(dense.state_dict())
+    with warnings.catch_warnings(record = True) as caught:
+        warnings.simplefilter('always')
+        for tiles in range(1, 12):
+            batch = [[torch.randint(0, 16, (128 * tiles - 10,))], [torch.randint(0, 16, (5,)), torch.randn(2, 8)]]
+            times, noise = torch.tensor([.5]), [torch.randn(2, 8)]
+            for a, b in zip(dense.predict(batch, times, noise).logits, flex.predict(batch, times, noise).logits):
+                torch.testing.assert_close(b, a, atol = 1e-4, rtol = 1e-4)
+    assert not [w for w in caught if 'without torch.compile' in str(w.message)], [str(w.message)[:200] for w in caught]
+
+
+@torch.no_grad()
+def test_laser_on_flex_keeps_packed_samples_apart():
+    """LASER shifts values by their max: on the packed flex row it must be each sample's own,
+    or a sample with large values would push another's exp(v) into underflow."""
+    from transfusion_pytorch import Transfusion
+    torch.manual_seed(0)
+    model = Transfusion(num_text_tokens = 16, transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16, laser = True,
+                                                                attention_backend = 'flex'))
+    block = model.transformer.blocks[0]
+    normed = block.attn_norm(model.token_embedding.weight)                          # (v, d)
+    target = torch.where(torch.arange(normed.shape[0]) < 8, 48., -48.)            # value channel 0: +-48 by token
+    weights = torch.linalg.lstsq(normed.double(), target.double()[:, None]).solution[:, 0].float()
+    block.attn.to_qkv.weight[2 * block.attn.to_qkv.weight.shape[0] // 3].copy_(weights)
+    high, low = [torch.randint(0, 8, (30,))], [torch.randint(8, 16, (30,))]
+    together, alone = model.predict([high, low]).logits[1], model.predict([low]).logits[0]
+    torch.testing.assert_close(together, alone, atol = 1e-4, rtol = 1e-4)

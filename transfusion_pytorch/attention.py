@@ -27,12 +27,15 @@ _compiled_flex_attention = None
 
 
 def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    """flex_attention is only fast compiled; compile it once per process, lazily."""
+    """flex_attention is only fast compiled; compile it once per process, lazily. Shapes are
+    left to torch.compile's automatic dynamic: a second sequence length compiles a kernel for
+    any length, where static shapes recompiled per length until the recompile limit, after
+    which every call ran unfused (all n x n scores)."""
     global _compiled_flex_attention
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
     if _compiled_flex_attention is None:
-        _compiled_flex_attention = torch.compile(flex_attention, dynamic = False)
+        _compiled_flex_attention = torch.compile(flex_attention)
     return _compiled_flex_attention(q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
 
 
@@ -138,14 +141,19 @@ def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -
 
 
 def laser_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float) -> Tensor:
-    """log(attention(exp(V))), stabilised by each value channel's max m over the keys of the row.
+    """log(attention(exp(V))), stabilised by each value channel's max m over one sample's keys.
 
     m cancels in exact arithmetic and is detached, so no gradient flows through it; in floating
-    point the output depends on it through rounding (about 1e-7 relative). The row is one
-    sample on the dense backend and in text-only batches, the whole packed batch on flex, so m
-    may come from later tokens or other samples: a channel whose values span more than about 80
-    within a row underflows for queries that see only its low end (as in the paper's
-    formulation, which takes the max over the sequence)."""
+    point the output depends on it through rounding (about 1e-7 relative). m is taken per
+    sample (a row of the dense backend or of a text-only batch; a document of the packed flex
+    row, padding apart), so other samples never enter, but later tokens of the same sample do
+    (as in the paper's formulation, which takes the max over the sequence): a channel whose
+    values span more than about 80 within a sample underflows for queries that see only its
+    low end."""
+    if mask.document is not None:
+        v_max = document_max(v, mask.document).detach()             # (b, h, n, e): the key's sample's max
+        out = attend(q, k, (v - v_max).exp(), mask, dropout)
+        return out.clamp(min = torch.finfo(out.dtype).tiny).log() + v_max   # queries share their keys' samples
     key_visible = None
     if mask.dense is not None:
         key_visible = rearrange(mask.dense.any(dim = -2), 'b 1 k -> b 1 k 1')
@@ -154,3 +162,13 @@ def laser_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: 
     exp_v = (visible_v - v_max).exp()                                # hidden slots become exactly 0
     out = attend(q, k, exp_v, mask, dropout)
     return out.clamp(min = torch.finfo(out.dtype).tiny).log() + v_max
+
+
+def document_max(v: Tensor, document: Tensor) -> Tensor:
+    """Each token's sample's max of Float['b h n e'] over the sample's tokens (document Int['n'],
+    padding -1 forming its own group), broadcast back to Float['b h n e']."""
+    group = (document + 1)[None, None, :, None].expand_as(v)                 # padding -> 0
+    # ids are below n: n + 1 groups cover them without reading the largest back to the host
+    maxima = v.new_full((*v.shape[:2], v.shape[2] + 1, v.shape[-1]), float('-inf'))
+    maxima = maxima.scatter_reduce(2, group, v, reduce = 'amax')
+    return maxima.gather(2, group)

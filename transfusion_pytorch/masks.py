@@ -41,6 +41,8 @@ class AttentionMask:
     segments: attend sample by sample (dense backend): queries, keys and values of the packed
         sequence are gathered into one padded row per sample, and `dense`/`bias` describe those
         rows. A packed batch of b samples then costs b * L^2 scores instead of (b * L)^2.
+    document: with a BlockMask over a packed row, each token's sample Int['n'] (padding -1):
+        what per-sample statistics (LASER's value shift) need, since the row mixes samples.
     """
     is_causal: bool = False
     dense: Tensor | None = None
@@ -48,6 +50,7 @@ class AttentionMask:
     bias: Tensor | None = None
     score_mod: object = None
     segments: 'Segments | None' = None
+    document: Tensor | None = None
 
     @property
     def uses_flex(self) -> bool:
@@ -241,7 +244,7 @@ def mask_for_rule(rule: AttentionRule, backend: str, kv_length: int | None = Non
     keys are the slots of a longer cache (dense only). sample_slices: where the samples lie;
     with several, the dense backend attends sample by sample (no scores across samples)."""
     if kv_length is None and resolve_backend(backend, rule.document.device) == 'flex':
-        return AttentionMask(block = rule.block_mask(), score_mod = rule.score_mod if rule.has_alibi else None)
+        return AttentionMask(block = rule.block_mask(), score_mod = rule.score_mod if rule.has_alibi else None, document = rule.document)
     if kv_length is None and sample_slices is not None and len(sample_slices) > 1:
         return segmented_mask(rule, Segments.from_slices(sample_slices, rule.document.device))
     bias = rule.dense_bias(kv_length)[None] if rule.has_alibi else None
