@@ -293,3 +293,17 @@ def test_a_training_manifest_without_a_step_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match = '"step" must be a non-negative integer, got None'):
         load_training_state(tmp_path, other.model, other.optimizer)
     assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+
+
+def test_a_bf16_model_comes_back_in_bf16_unless_asked_otherwise(tmp_path):
+    model = tiny_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = Transfusion.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert_same_state(loaded, model)
+    widened = Transfusion.from_pretrained(tmp_path, dtype = torch.float32)
+    assert {p.dtype for p in widened.parameters()} == {torch.float32}
+    assert all(torch.equal(widened.state_dict()[k], v.float()) for k, v in model.state_dict().items())
+    edit_manifest(tmp_path, lambda m: m.update(dtype = 'int8'))
+    with pytest.raises(ValueError, match = '"dtype" must name a floating torch dtype'):
+        Transfusion.from_pretrained(tmp_path)

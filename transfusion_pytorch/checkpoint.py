@@ -123,9 +123,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, include_code
     manifest = {
         'config': model.config.to_dict(), 'modality_encoders': list(modalities.has_encoder),
         'modality_decoders': list(modalities.has_decoder), 'train_modality_encoders': modalities.train_encoders,
-        'coder_weights': bool(include_coders),
+        'coder_weights': bool(include_coders), 'dtype': _parameter_dtype(model),
     }
     save_checkpoint(directory, PRETRAINED_MANIFEST, manifest, 'weights', _module_state(model, include_coders))
+
+
+def _parameter_dtype(model: nn.Module) -> str | None:
+    """The floating dtype of all parameters ('float32', 'bfloat16', ...), None if they differ."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return str(dtypes.pop()).removeprefix('torch.') if len(dtypes) == 1 else None
 
 
 def _check_coders(model: nn.Module, manifest: dict, where: str) -> None:
@@ -139,13 +145,16 @@ def _check_coders(model: nn.Module, manifest: dict, where: str) -> None:
 
 
 def load_pretrained(directory: str | os.PathLike, modality_encoder = None, modality_decoder = None, *,
-                    train_modality_encoders: bool | None = None, map_location = 'cpu', model_class: type | None = None,
-                    **runtime_options: Any) -> nn.Module:
+                    train_modality_encoders: bool | None = None, map_location = 'cpu', dtype: torch.dtype | None = None,
+                    model_class: type | None = None, **runtime_options: Any) -> nn.Module:
     """Rebuild a model saved by `save_pretrained`.
 
     modality_encoder / modality_decoder: the modules (one, or one per modality) the model was
         built with; required for every modality that had one when saved.
     train_modality_encoders: defaults to the saved setting.
+    map_location: where the weights are read to, as for torch.load; a device (e.g. 'cuda')
+        also places the model there.
+    dtype: the parameters' floating dtype; by default the one they were saved in.
     runtime_options: transformer options that do not change the weights (RUNTIME_OPTIONS), e.g.
         `compile_blocks=True` or `attention_backend='flex'` for a GPU.
     """
@@ -167,7 +176,14 @@ def load_pretrained(directory: str | os.PathLike, modality_encoder = None, modal
     with_coders = bool(manifest.get('coder_weights', False))
     _check_state_fits(model, state, with_coders, where)
     model.load_state_dict(state, strict = False)    # strict about everything but coders, checked above
-    return model
+    saved_dtype = manifest.get('dtype')
+    if dtype is None and saved_dtype is not None:
+        dtype = getattr(torch, saved_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f'{where}: "dtype" must name a floating torch dtype, got {saved_dtype!r}')
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.to(dtype) if dtype is not None else model
 
 
 # training state

@@ -339,6 +339,6 @@ class Transfusion(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, modality_encoder = None, modality_decoder = None, **kwargs) -> 'Transfusion':
         """Rebuild a model saved by `save_pretrained`; see `checkpoint.load_pretrained` for the
-        keywords (train_modality_encoders, map_location, runtime options such as compile_blocks)."""
+        keywords (train_modality_encoders, map_location, dtype, runtime options such as compile_blocks)."""
         from .checkpoint import load_pretrained
         return load_pretrained(directory, modality_encoder, modality_decoder, model_class = cls, **kwargs)
