@@ -134,3 +134,19 @@ def test_a_tiny_training_run_with_the_loss_stays_finite():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     moved = [not torch.equal(a, b) for a, b in zip(start, ema.module.parameters())]
     assert sum(moved) > len(moved) // 2       # the EMA follows the student
+
+
+def test_the_batch_is_encoded_once_for_both_evaluations():
+    """Student and EMA see the same latents x1 (so the same x_t), from one encoder run in eval
+    mode; a real VAE encoder is the expensive part of a step."""
+    from torch import nn
+    calls = []
+
+    class Counting(nn.Conv2d):
+        def forward(self, x):
+            calls.append(self.training)
+            return super().forward(x)
+
+    model = tiny_model(dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2), modality_encoder = Counting(3, 8, 1))
+    loss = consistency_flow_loss(model, make_ema(model), randn(2, 3, 2, 2))
+    assert calls == [False] and torch.isfinite(loss)

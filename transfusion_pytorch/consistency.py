@@ -67,8 +67,12 @@ def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch, *, delt
     zero = model.token_embedding.weight.new_zeros((), dtype = torch.float32)
     if torch.is_tensor(batch) and not batch.is_floating_point():
         return zero                                                 # text-only: nothing to flow
-    samples = model._as_samples(batch, modality_type)
-    packed = model.pack(samples)                                    # validates; instance shapes for the noise
+    was_training = model.training
+    model.eval()                                                    # encoders run as in predict
+    try:
+        packed = model.pack(model._as_samples(batch, modality_type))   # encoded once, for both predictions
+    finally:
+        model.train(was_training)
     if packed.num_instances == 0:
         return zero
     if times is None:
@@ -78,10 +82,9 @@ def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch, *, delt
     times = torch.as_tensor(times, dtype = torch.float32, device = model.device)
     if noise is None:
         noise = [_gaussian(model, m, shape) for m, shape in zip(packed.instance_modality, packed.instance_shape)]
-    predict = type(model).predict.__wrapped__                       # predict with gradients
-    student = _endpoints_and_velocities(predict(model, samples, times, noise))
+    student = _endpoints_and_velocities(model.predict_packed(packed, times, noise))
     with torch.no_grad():
-        teacher = _endpoints_and_velocities(predict(ema, samples, times + delta, noise))
+        teacher = _endpoints_and_velocities(ema.predict_packed(packed, times + delta, noise))
     parts = {}
     for m in sorted(set(packed.instance_modality)):
         mine = [i for i, modality in enumerate(packed.instance_modality) if modality == m]

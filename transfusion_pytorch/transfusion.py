@@ -201,6 +201,17 @@ class Transfusion(nn.Module):
         self.eval()   # before packing: a trainable encoder must not run in train mode here
         try:
             packed = self.pack(self._as_samples(batch, modality_type))
+        finally:
+            self.train(was_training)
+        return self.predict_packed(packed, times, noise)
+
+    def predict_packed(self, packed: PackedBatch, times: Tensor | None = None, noise: list[Tensor] | None = None) -> Prediction:
+        """`predict` for a batch already packed (and encoded) by `pack`, in eval mode, with
+        gradients unless the caller turns them off: several predictions of one batch (as in
+        consistency training) encode it once."""
+        was_training = self.training
+        self.eval()
+        try:
             times, group_noise, _ = objective.draw(self, packed, times, noise)
             noised_inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
             hidden = self.packed_hidden(packed, noised_inputs, times)
