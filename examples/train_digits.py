@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
     """Train, then (rank 0) evaluate and write the outputs; returns the metrics on rank 0."""
     env = env or Distributed()
     # per-worker flow noise and times; DDP broadcasts rank 0's initial weights to the others
-    torch.manual_seed(args.seed + env.rank)
+    torch.manual_seed(args.seed * 1000 + env.rank)   # seeds' rank streams never overlap
     train_split, test_split = load_splits()
     model = build_model(args).to(default_device())
     batches = Batches(train_split, args.patch, args.batch_size, args.seed, env.rank, env.world_size)

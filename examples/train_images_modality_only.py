@@ -6,7 +6,8 @@ non-overlapping `--image-size` square RGB patches, and split at random into trai
 held-out patches (no pixel is shared between the two). Each patch is one image: a grid of latent
 tokens, each token a `--token-size` square of RGB pixels (8x8 patches, 2x2 tokens: a 4x4 grid of
 12-d latents). The model sees no text at all: `model(images)` with a floating (b, h, w, c)
-tensor is modality-only training of modality 0 (flow matching only).
+tensor is modality-only training of modality 0 (the flow loss plus the small cross-entropy of each
+row's begin and EOS tokens).
 
 It has learned when, against the same network before training (same initial weights):
 - the held-out flow loss (velocity MSE on held-out patches at t = 0.1 ... 0.9, fixed noise) falls;
@@ -239,13 +240,13 @@ def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None
     train_images, test_images = load_patches(args.downsample, args.image_size, args.held_out, seed = 0)
     model = build_model(args).to(default_device())
     untrained = copy.deepcopy(model)
-    torch.manual_seed(args.seed + env.rank)           # per-worker flow noise and times
+    torch.manual_seed(args.seed * 1000 + env.rank)    # per-worker flow noise and times; seeds never share a stream
     batches = Batches(train_images, args.token_size, args.batch_size, args.seed, env)
     losses, seconds = train(model, batches, steps = args.steps, lr = args.lr, env = env, warmup = args.warmup)
     if not env.is_main:
         return None
     args.output.mkdir(parents = True, exist_ok = True)
-    plot_loss_curve(losses, args.output / 'loss.png', 'Transfusion, modality-only on photo patches (flow loss)')
+    plot_loss_curve(losses, args.output / 'loss.png', 'Transfusion, modality-only on photo patches (training loss)')
     metrics = dict(
         **evaluate(model, untrained, args, train_images, test_images),
         **run_facts(args, env, model, seconds, losses),

@@ -152,7 +152,7 @@ def write_sample(model: Transfusion, args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace, env: Distributed | None = None) -> dict | None:
     env = env or Distributed()
-    torch.manual_seed(args.seed + env.rank)
+    torch.manual_seed(args.seed * 1000 + env.rank)   # seeds' rank streams never overlap
     train_stream, held_out = load_corpus(args.train_chars, args.eval_chars)
     transformer = dict(dim = args.dim, depth = args.depth, heads = args.heads, dim_head = args.dim // args.heads)
     model = Transfusion(num_text_tokens = VOCAB, transformer = transformer).to(default_device())

@@ -189,8 +189,9 @@ def load_pretrained(directory: str | os.PathLike, modality_encoder = None, modal
 # training state
 
 def make_ema(model: nn.Module, decay: float = 0.999) -> AveragedModel:
-    """An exponential moving average of `model`'s parameters (a deep copy; buffers follow the
-    model): `ema_p = decay * ema_p + (1 - decay) * p` on each `ema.update_parameters(model)`, called
+    """An exponential moving average of `model`'s parameters (a deep copy; its buffers are the
+    copies made here, which is right for this model's, all constants of the config: rotary and
+    time frequencies, ALiBi slopes): `ema_p = decay * ema_p + (1 - decay) * p` on each `ema.update_parameters(model)`, called
     after every optimizer step (the first call copies). Sample with `ema.module`; save it with
     `save_pretrained(ema, directory)`. Pass the unwrapped model, not the DDP wrapper."""
     return AveragedModel(_unwrap(model), multi_avg_fn = get_ema_multi_avg_fn(decay))
