@@ -102,6 +102,7 @@ def test_encoders_are_passed_again_and_saved_only_when_asked(tmp_path):
     (lambda m: m.update(format = 'something.else'), ValueError, 'is not a transfusion_pytorch.pretrained manifest'),
     (lambda m: m.update(payload = 'weights.pt'), ValueError, '"payload" must be an object with string "name" and "sha256"'),
     (lambda m: m.update(modality_encoders = 1), ValueError, '"modality_encoders" must be a list of booleans, got 1'),
+    (lambda m: m['config'].pop('transformer'), ValueError, 'needs num_text_tokens \\(an int\\) and transformer \\(a dict\\)'),
 ])
 def test_bad_checkpoints_are_refused_clearly(tmp_path, edit, error, message):
     tiny_model().save_pretrained(tmp_path)

@@ -197,7 +197,8 @@ def test_prompt_errors_name_the_prompt_by_its_index():
 
 
 @pytest.mark.parametrize('keywords, error, message', [
-    (dict(text_temperature = -1.), ValueError, r'text_temperature must be >= 0'),
+    (dict(text_temperature = -1.), ValueError, r'text_temperature must be finite and >= 0'),
+    (dict(text_temperature = float('inf')), ValueError, r'text_temperature must be finite and >= 0 \(0 is greedy\), got inf'),
     (dict(text_min_p = 1.5), ValueError, r'text_min_p must lie in \[0, 1\], got 1.5'),
     (dict(max_length = 20.), TypeError, r"max_length must be an int, got float|parameter 'max_length'"),   # the latter: debug mode
     (dict(force_modality_at_start = (0,)), TypeError, r'force_modality_at_start must be a modality index or \(index, shape\)'),
@@ -212,7 +213,7 @@ def test_sampling_options_are_checked(keywords, error, message):
 
 def test_generate_text_only_checks_its_sampling_options():
     model = tiny_model()
-    with pytest.raises(ValueError, match = 'temperature must be >= 0'):
+    with pytest.raises(ValueError, match = 'temperature must be finite and >= 0'):
         model.generate_text_only(torch.tensor([[1]]), 6, temperature = -1.)
     with pytest.raises(ValueError, match = r'min_p must lie in \[0, 1\]'):
         model.generate_text_only(torch.tensor([[1]]), 6, min_p = 2.)

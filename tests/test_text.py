@@ -182,3 +182,12 @@ def test_compiled_models_pickle_and_deepcopy():
         assert '_text_decoders' not in twin.__dict__ and twin.transformer._compiled_stack is None
         assert torch.equal(twin.generate_text_only(prompt, 8, temperature = 0., compile_step = False), expected)
         torch.testing.assert_close(twin(ids), model(ids))
+
+
+def test_a_tiny_temperature_is_still_greedy_among_the_allowed_tokens():
+    """Dividing raw logits by a subnormal temperature overflowed them to +-inf: ties went to
+    index 0 and all-negative rows chose a forbidden token."""
+    logits = torch.tensor([[-1., -5., -1.5, -2.], [3., 1., 7., 7.5]])
+    allowed = torch.tensor([False, True, True, True])
+    assert choose_tokens(logits, 1e-40, min_p = 0., allowed = allowed).tolist() == [2, 3]
+    assert choose_tokens(logits, 0., allowed = allowed).tolist() == [2, 3]

@@ -7,6 +7,7 @@ modules can trust their inputs. The README style (`dim_latent=(384, 192)`,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Sequence
 
@@ -24,6 +25,10 @@ def _require(condition: bool, message: str) -> None:
 
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value: Any, least: float = 0.) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= least
 
 
 def _is_probability(value: Any) -> bool:
@@ -88,9 +93,10 @@ class TransformerConfig:
         for name in ('dim', 'depth', 'heads', 'dim_head', 'experts', 'ff_pad_multiple'):
             _require(_is_positive_int(getattr(self, name)), f'transformer.{name} must be a positive int, got {getattr(self, name)!r}')
         _require(self.dim_head % 2 == 0, f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')
-        _require(isinstance(self.ff_mult, (int, float)) and self.ff_mult > 0, f'transformer.ff_mult must be a positive number, got {self.ff_mult!r}')
+        _require(_is_finite_number(self.ff_mult) and self.ff_mult > 0, f'transformer.ff_mult must be a positive number, got {self.ff_mult!r}')
+        _require(self.dim_ff >= 1, f'transformer.ff_mult={self.ff_mult} leaves the feed-forward with int(dim * ff_mult * 2 / 3) = 0 hidden units')
         _require(_is_probability(self.dropout), f'transformer.dropout must be in [0, 1), got {self.dropout!r}')
-        _require(self.rotary_theta > 0, f'transformer.rotary_theta must be positive, got {self.rotary_theta!r}')
+        _require(_is_finite_number(self.rotary_theta) and self.rotary_theta > 0, f'transformer.rotary_theta must be a positive number, got {self.rotary_theta!r}')
         _require(self.attention_backend in ('auto', 'sdpa', 'flex'), f"transformer.attention_backend must be 'auto', 'sdpa' or 'flex', got {self.attention_backend!r}")
         _require(not (self.unet_skips and self.depth % 2), f'transformer.unet_skips needs an even depth, got depth={self.depth}')
         object.__setattr__(self, 'compile_options', _normalise_compile_options(self.compile_options))
@@ -161,7 +167,7 @@ class ModalityConfig:
                      f'modality_default_shape must be a tuple of positive ints, got {self.default_shape!r}')
         _require(self.shape_tokens or self.default_shape is not None,
                  'a modality without shape tokens needs a modality_default_shape to use as its fixed shape')
-        _require(self.loss_weight > 0, f'modality loss_weight must be positive, got {self.loss_weight!r}')
+        _require(_is_finite_number(self.loss_weight) and self.loss_weight > 0, f'modality loss_weight must be a positive number, got {self.loss_weight!r}')
         _require(_is_positive_int(self.downsample), f'modality_downsample must be a positive int, got {self.downsample!r}')
         _require(self.unet_dim is None or _is_positive_int(self.unet_dim), f'modality_unet_dim must be a positive int, got {self.unet_dim!r}')
         if self.downsample > 1:
@@ -226,7 +232,8 @@ class TransfusionConfig:
         _require(_is_positive_int(self.num_text_tokens), f'num_text_tokens must be a positive int, got {self.num_text_tokens!r}')
         _require(isinstance(self.transformer, TransformerConfig), f'transformer must be a TransformerConfig, got {type(self.transformer).__name__}')
         _require(all(isinstance(m, ModalityConfig) for m in self.modalities), 'modalities must be ModalityConfig instances')
-        _require(self.text_loss_weight >= 0 and self.flow_loss_weight >= 0, 'loss weights must be non-negative')
+        for name in ('text_loss_weight', 'flow_loss_weight'):
+            _require(_is_finite_number(getattr(self, name)), f'{name} must be a finite non-negative number, got {getattr(self, name)!r}')
         _require(self.time_sampling in ('uniform', 'logit_normal'), f"time_sampling must be 'uniform' or 'logit_normal', got {self.time_sampling!r}")
         _require(self.time_conditioning in ('additive', 'adaptive'), f"time_conditioning must be 'additive' or 'adaptive', got {self.time_conditioning!r}")
         _require(_is_probability(self.condition_dropout), f'condition_dropout must be in [0, 1), got {self.condition_dropout!r}')
@@ -263,6 +270,10 @@ class TransfusionConfig:
         unknown = set(data) - known
         _require(not unknown, f'unknown TransfusionConfig fields {sorted(unknown)}')
         data = dict(data)
+        _require(isinstance(data.get('num_text_tokens'), int) and isinstance(data.get('transformer'), dict),
+                 'a TransfusionConfig dict needs num_text_tokens (an int) and transformer (a dict)')
+        _require(all(isinstance(m, dict) and 'dim_latent' in m and 'default_shape' in m for m in data.get('modalities', ())),
+                 'each modality of a TransfusionConfig dict needs dim_latent and default_shape')
         data['transformer'] = TransformerConfig(**data['transformer'])
         data['modalities'] = tuple(
             ModalityConfig(**{**m, 'default_shape': None if m['default_shape'] is None else tuple(m['default_shape'])})

@@ -53,7 +53,10 @@ def choose_tokens(
     else:
         uniform = torch.stack([torch.rand(logits.shape[-1], generator = g, device = logits.device) for g in generators])
     gumbel = -(-uniform.clamp(min = 1e-20).log()).log()
-    return (logits / temperature + gumbel).argmax(dim = -1)
+    # the row's max subtracted first: any positive temperature leaves it at 0 and the allowed
+    # tokens finite (dividing raw logits by a tiny temperature overflowed to +-inf)
+    scaled = (logits - logits.amax(dim = -1, keepdim = True)) / temperature
+    return (scaled + gumbel).argmax(dim = -1)
 
 
 class TextDecoder:
@@ -130,8 +133,8 @@ class TextDecoder:
 def check_text_sampling(temperature: float, min_p: float, temperature_name: str = 'temperature', min_p_name: str = 'min_p') -> None:
     """Temperature >= 0 (0 is greedy) and min-p in [0, 1]: a negative temperature would favour
     the least likely tokens (and the special tokens masked to -inf), a min-p above 1 keep none."""
-    if not temperature >= 0:
-        raise ValueError(f'{temperature_name} must be >= 0 (0 is greedy), got {temperature}')
+    if not 0 <= temperature < float('inf'):
+        raise ValueError(f'{temperature_name} must be finite and >= 0 (0 is greedy), got {temperature}')
     if not 0 <= min_p <= 1:
         raise ValueError(f'{min_p_name} must lie in [0, 1], got {min_p}')
 
