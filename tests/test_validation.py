@@ -95,6 +95,8 @@ def test_shape_tokens_off_requires_the_fixed_shape():
     (dict(transformer = dict(dim = 32, depth = 2, ff_mult = 0.04)), r'leaves the feed-forward with int\(dim \* ff_mult \* 2 / 3\) = 0 hidden units'),
     (dict(transformer = dict(dim = 64, depth = 2, rotary_theta = '1e4')), "transformer.rotary_theta must be a positive number, got '1e4'"),
     (dict(text_loss_weight = float('inf')), 'text_loss_weight must be a finite non-negative number, got inf'),
+    (dict(dim_latent = None, modality_default_shape = (4, 4), modality_downsample = 2),
+     r"\['modality_default_shape', 'modality_downsample'\] describe modalities, but there are none: pass dim_latent"),
 ])
 def test_bad_configuration_explains_itself(kwargs, message):
     base = dict(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 64, depth = 2))

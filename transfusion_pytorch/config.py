@@ -328,6 +328,11 @@ def build_config(
 
     if dim_latent is None:
         dims = ()
+        given = {name: value for name, value, default in (
+            ('modality_default_shape', modality_default_shape, None), ('channel_first_latent', channel_first_latent, False),
+            ('add_modality_shape_tokens', add_modality_shape_tokens, True), ('modality_loss_weight', modality_loss_weight, 1.),
+            ('modality_downsample', modality_downsample, 1), ('modality_unet_dim', modality_unet_dim, None)) if value != default}
+        _require(not given, f'{sorted(given)} describe modalities, but there are none: pass dim_latent (one per modality)')
     elif isinstance(dim_latent, (tuple, list)):
         dims = tuple(dim_latent)
         _require(len(dims) > 0, 'dim_latent must not be empty')
