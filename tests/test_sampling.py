@@ -241,3 +241,16 @@ def test_generate_modality_only_checks_its_arguments(keywords, message):
 def test_generate_modality_only_takes_a_zero_axis_shape():
     model = tiny_model(modality_default_shape = (None, (3,)))
     assert model.generate_modality_only(fixed_modality_shape = (), modality_steps = 1).shape == (1, 8)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float64])
+def test_a_model_in_another_dtype_samples_through_its_decoder(dtype):
+    """The ODE runs in at least fp32; what it returns (and what the decoder gets) is in the
+    model's dtype."""
+    decoded = tiny_model(dim_latent = 8, modality_default_shape = (2, 3), channel_first_latent = True,
+                         modality_decoder = torch.nn.Conv2d(8, 3, 1)).to(dtype)
+    images = decoded.generate_modality_only(batch_size = 2, modality_steps = 2)
+    assert images.dtype == dtype and images.shape == (2, 3, 2, 3)
+    plain = tiny_model().to(dtype)
+    sample = plain.sample(force_modality_at_start = 0, modality_steps = 2, stop_after_modality = True, **QUIET)
+    assert sample[0][1].dtype == dtype

@@ -62,14 +62,17 @@ def test_trainable_encoder_gets_gradients():
 
 def test_trainable_coders_all_get_a_gradient_for_ddp():
     """DDP without find_unused_parameters needs a gradient on every trainable parameter at every
-    step: the decoder is used by no loss (only in sampling) and an absent modality's encoder by
-    none in this batch, so both must be anchored into the loss."""
+    step: an absent modality's encoder is used by no loss in this batch, so it is anchored into
+    the loss. Decoders run only in sampling: they stay frozen, so AdamW's weight decay cannot
+    shrink them either."""
     model = tiny_model(channel_first_latent = True, modality_encoder = (nn.Conv2d(3, 8, 1), nn.Conv1d(2, 4, 1)),
                        modality_decoder = (nn.Conv2d(8, 3, 1), nn.Conv1d(4, 2, 1)), train_modality_encoders = True)
     for batch in ([[randn(3, 2, 3), randint(0, 16, (3,))]], randint(0, 16, (2, 6))):
         model.zero_grad(set_to_none = True)
         model(batch).backward()
         assert not [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not any(p.requires_grad for p in model.modalities.decoders.parameters())
+    assert all(p.requires_grad for p in model.modalities.encoders.parameters())
 
 
 def dependency_matrix(model, batch):

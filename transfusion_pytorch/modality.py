@@ -101,9 +101,10 @@ class Modalities(nn.Module):
         self.train_encoders = train_encoders
         if train_encoders:
             refuse_batch_statistics(self.encoders)
-        else:
-            for module in (*self.encoders, *self.decoders):
-                module.requires_grad_(False)
+        # decoders only run in sampling, under no_grad: no loss here reaches them, so they are
+        # frozen even when the encoders train (an optimizer's weight decay would shrink them)
+        for module in (*(() if train_encoders else self.encoders), *self.decoders):
+            module.requires_grad_(False)
 
     @contextmanager
     def encoder_state_kept_on_error(self):

@@ -122,9 +122,8 @@ def unused_parameter_anchor(model, present: set[int]) -> Tensor:
     if not present:
         for module in (model.modalities.time_embedding, model.modalities.adaptive):
             unused += list(module.parameters()) if module is not None else []
-    if model.modalities.train_encoders:   # decoders only run in sampling: never used by a loss
+    if model.modalities.train_encoders:
         unused += [p for m in range(model.config.num_modalities) if m not in present for p in model.modalities.encoders[m].parameters()]
-        unused += list(model.modalities.decoders.parameters())
     anchor = model.token_embedding.weight.new_zeros(())
     for p in unused:
         if p.requires_grad:

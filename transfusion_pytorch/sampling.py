@@ -200,13 +200,14 @@ class Sampler:
         modality, shape = rows[0].modality, rows[0].shape
         spec = model.config.modalities[modality]
         count = math.prod(shape)
+        weights = model.token_embedding.weight.dtype           # the ODE runs in at least fp32; results come in the model's dtype
         noise = torch.stack([
             torch.randn((count, spec.dim_latent), generator = r.generator, device = model.device) for r in rows
-        ])
+        ]).to(torch.promote_types(weights, torch.float32))
         indices = [r.index for r in rows]
         field = self.runner.velocity_field(indices, modality, shape, options.cfg_scale)
         x1 = flow.integrate(field, noise, options.modality_steps, options.ode_method)
-        latents = torch.stack([model.to_user_layout(modality, x.reshape(*shape, -1)) for x in x1])
+        latents = torch.stack([model.to_user_layout(modality, x.reshape(*shape, -1)) for x in x1]).to(weights)
         decoded = model.modalities.decode(modality, latents)
         continuing = [r for r in rows if not r.stop_after_modality]
         if continuing:
