@@ -13,6 +13,7 @@ differently, and the single-process equivalent is the gradient of the mean of th
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -213,6 +214,30 @@ def test_a_block_compiles_as_one_graph(options):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_compiled_blocks_have_a_version_for_every_mode(monkeypatch):
+    """Training, predict, predict with gradients, cached sampling, with value residual (the first
+    block differs): more versions of Block.forward than torch's default recompile limit of 8,
+    past which calls would quietly run eagerly; fail_on_recompile_limit_hit makes that an error."""
+    original = torch.compile
+
+    @functools.wraps(original)
+    def eager_compile(fn, **kwargs):     # the same guards and versions as inductor, compiled fast
+        kwargs.pop('options', None)
+        return original(fn, backend = 'eager', **kwargs)
+
+    monkeypatch.setattr(torch, 'compile', eager_compile)
+    torch._dynamo.reset()
+    model = small_model(value_residual = True, dropout = 0.1, compile_blocks = True)
+    batch, times, noise = rank_input(0, 'full')
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit = True):
+        model(batch, times = times, noise = noise).backward()
+        model.predict(batch, times, noise)
+        model.predict_packed(model.pack(batch), times, noise).velocities[0].sum().backward()
+        model.sample_many([None, randint(0, 16, (3,))], max_length = 24, modality_steps = 2, seed = 0, show_progress = False,
+                          fixed_modality_shape = {0: (2, 3), 1: (3,)})
+        model(batch, times = times, noise = noise).backward()
+
+
 @pytest.mark.parametrize('stack', [False, True], ids = ['per_block', 'whole_stack'])
 def test_compile_blocks_option_trains_with_fullgraph_blocks(monkeypatch, stack):
     """Through the real compile_blocks path (each block, or with compile_stack the whole stack
@@ -224,7 +249,7 @@ def test_compile_blocks_option_trains_with_fullgraph_blocks(monkeypatch, stack):
 
     def fullgraph_compile(module, **kwargs):
         compiled.append(module)
-        assert kwargs == dict(options = {'epilogue_fusion': False})   # compile_options reach torch.compile
+        assert kwargs.pop('options') == {'epilogue_fusion': False}   # compile_options reach torch.compile
         return original(module, fullgraph = True, backend = 'aot_eager')
 
     monkeypatch.setattr(torch, 'compile', fullgraph_compile)

@@ -11,6 +11,7 @@ Glossary: b batch, n tokens, d model dim, f feed-forward hidden width.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,23 @@ class SkipMerge(nn.Module):
         return self.proj(torch.cat((x, skip), dim = -1))
 
 
+# Blocks share Block.forward, and each mode a block runs in needs its own compiled version:
+# train or eval, gradients on or off, with or without a KV cache, the first block or a later
+# one (value residual): up to 16, past torch's default recompile_limit of 8, beyond which a
+# call needing a new version silently runs eagerly.
+BLOCK_VERSIONS = 32
+
+
+def compile_region(fn, options: dict | None):
+    """torch.compile with room for BLOCK_VERSIONS compiled versions: a recompile_limit for this
+    region where torch.compile takes one, else torch._dynamo's global limit raised (never lowered)."""
+    if 'recompile_limit' in inspect.signature(torch.compile).parameters:
+        return torch.compile(fn, options = options, recompile_limit = BLOCK_VERSIONS)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, BLOCK_VERSIONS)
+    return torch.compile(fn, options = options)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -150,7 +168,7 @@ class Transformer(nn.Module):
         if not compiled:
             return list(self.blocks)
         if self._compiled_blocks is None:
-            self._compiled_blocks = [torch.compile(block, options = self.config.compile_options_dict) for block in self.blocks]
+            self._compiled_blocks = [compile_region(block, self.config.compile_options_dict) for block in self.blocks]
         return self._compiled_blocks
 
     @typechecked
@@ -173,7 +191,7 @@ class Transformer(nn.Module):
         compiled = compiled and self.config.compile_blocks
         if compiled and self.config.compile_stack:
             if self._compiled_stack is None:
-                self._compiled_stack = torch.compile(self._run_stack, options = self.config.compile_options_dict)
+                self._compiled_stack = compile_region(self._run_stack, self.config.compile_options_dict)
             return self._compiled_stack(x, positions, mask, modulations, cache, routing, compiled_blocks = False)
         return self._run_stack(x, positions, mask, modulations, cache, routing, compiled_blocks = compiled)
 
