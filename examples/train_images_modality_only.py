@@ -7,7 +7,7 @@ held-out patches (no pixel is shared between the two). Each patch is one image: 
 tokens, each token a `--token-size` square of RGB pixels (8x8 patches, 2x2 tokens: a 4x4 grid of
 12-d latents). The model sees no text at all: `model(images)` with a floating (b, h, w, c)
 tensor is modality-only training of modality 0 (the flow loss plus the small cross-entropy of each
-row's begin and EOS tokens).
+row's begin, shape and EOS tokens).
 
 It has learned when, against the same network before training (same initial weights):
 - the held-out flow loss (velocity MSE on held-out patches at t = 0.1 ... 0.9, fixed noise) falls;

@@ -46,6 +46,9 @@ valid = {
     'generate_text_only': lambda: model.generate_text_only(torch.zeros(2, 1, dtype = torch.long), 4),
     'generate_modality_only': lambda: model.generate_modality_only(2, modality_steps = 2),
     'integrate': lambda: flow.integrate(field, torch.randn(2, 3), 2),
+    'times as a list': lambda: model(batch, times = [0.3, 0.6]),
+    'prompts as a tuple': lambda: model.sample_many((None, None), **quiet),
+    'fixed shape as a list': lambda: model.generate_modality_only(1, fixed_modality_shape = [2, 3], modality_steps = 1),
 }
 wrong = {   # name of the argument the message must name -> a call with that argument wrong
     'times': lambda: model(batch, times = torch.rand(2, 1)),

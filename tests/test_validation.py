@@ -143,6 +143,24 @@ def test_text_only_batches_refuse_what_does_not_apply(batch, keywords, message):
         tiny_model()(batch, **keywords)
 
 
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.int8, torch.int16, torch.uint16])
+def test_text_of_any_integer_dtype_is_read_as_ids(dtype):
+    """Range checks in a small dtype wrapped (uint8 5 >= 256) or did not exist (uint16), so valid
+    byte ids were refused as outside the vocabulary."""
+    model = Transfusion(num_text_tokens = 256, dim_latent = 8, modality_default_shape = (2,), transformer = dict(dim = 32, depth = 1))
+    ids = torch.tensor([[5, 6, 7, 8]], dtype = dtype)
+    torch.testing.assert_close(model(ids), model(ids.long()))
+    draws = dict(times = torch.tensor([.5]), noise = [torch.zeros(2, 8)])
+    torch.testing.assert_close(model([[ids[0], torch.ones(2, 8)]], **draws), model([[ids[0].long(), torch.ones(2, 8)]], **draws))
+    assert model.generate_text_only(ids, 6, temperature = 0.).shape == (1, 2)
+
+
+def test_a_bare_pair_with_a_tensor_index_is_one_modality_item():
+    model = tiny_model()
+    x = randn(3, 4)
+    assert model.pack([(torch.tensor(1), x)]).instance_modality == model.pack([(1, x)]).instance_modality == [1]
+
+
 def test_a_model_without_modalities_says_so():
     model = Transfusion(num_text_tokens = 16, transformer = dict(dim = 32, depth = 1))
     for batch in ([[(0, randn(3, 8))]], randn(2, 3, 8)):

@@ -84,11 +84,19 @@ def _parse_item(item, sample: int, index: int, num_modalities: int) -> tuple[str
         return 'modality', 0, item
     if item.ndim > 1:
         raise ValueError(f'{where}: text must be a 1-D tensor of token ids, got shape {tuple(item.shape)}')
-    return 'text', None, item.reshape(-1)
+    return 'text', None, item.reshape(-1).long()   # as int64: range checks on uint8 / int16 ids would wrap
 
 
 def _describe(x) -> str:
     return f'tensor of dtype {x.dtype}' if torch.is_tensor(x) else type(x).__name__
+
+
+def _is_modality_pair(value) -> bool:
+    """A (modality_index, tensor) pair for a one-item sample, its index read as `_parse_item` does."""
+    index = value[0] if isinstance(value, tuple) and len(value) == 2 else None
+    if torch.is_tensor(index):
+        return index.ndim == 0 and not index.is_floating_point() and index.dtype != torch.bool
+    return isinstance(index, int) and not isinstance(index, bool)
 
 
 def parse_samples(batch, num_modalities: int, allow_empty: bool = False) -> list[list[tuple[str, int | None, Tensor]]]:
@@ -100,7 +108,7 @@ def parse_samples(batch, num_modalities: int, allow_empty: bool = False) -> list
         raise ValueError('the batch is empty: expected at least one sample')
     parsed = []
     for s, sample in enumerate(batch):
-        items = [sample] if torch.is_tensor(sample) or isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[0], int) else sample
+        items = [sample] if torch.is_tensor(sample) or _is_modality_pair(sample) else sample
         if not isinstance(items, (list, tuple)):
             raise TypeError(f'{_where(s)}: expected a list of items, got {type(sample).__name__}')
         parsed.append([_parse_item(item, s, j, num_modalities) for j, item in enumerate(items)])
@@ -153,12 +161,8 @@ def to_items(batch, config: TransfusionConfig, encode: Encode, allow_empty: bool
         for (s, j, _), latent in zip(entries, encoded):
             latents[s, j] = canonical_latent(latent, config, modality, _where(s, j))
 
-    samples = []
-    for s, sample in enumerate(parsed):
-        items = []
-        for j, (kind, modality, data) in enumerate(sample):
-            items.append(TextItem(data) if kind == 'text' else ModalityItem(modality, latents[s, j]))
-        samples.append(items)
+    samples = [[TextItem(data) if kind == 'text' else ModalityItem(modality, latents[s, j]) for j, (kind, modality, data) in enumerate(sample)]
+               for s, sample in enumerate(parsed)]
     return samples, ValueCheck(samples, config)
 
 
@@ -290,12 +294,22 @@ class _Instances:
     data: list = field(default_factory = list)
 
 
+def _text_after(sample: Sample) -> list[bool]:
+    """For each item, whether some text follows it in the sample (one backward pass)."""
+    after, seen = [False] * len(sample), False
+    for j in range(len(sample) - 1, -1, -1):
+        after[j] = seen
+        seen = seen or (isinstance(sample[j], TextItem) and sample[j].ids.numel() > 0)
+    return after
+
+
 def _lay_out(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, close: bool):
     """Walk the samples once, recording where every token goes (host-side lists only)."""
     layout, instances, sample_slices = _Layout(), _Instances(), []
     for s, sample in enumerate(samples):
         start = layout.length
         layout.special([vocab.bos], target = False)
+        text_after = _text_after(sample)
         for j, item in enumerate(sample):
             if isinstance(item, TextItem):
                 layout.text(item.ids.reshape(-1))
@@ -309,7 +323,7 @@ def _lay_out(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary
             instances.modality.append(item.modality)
             instances.shape.append(item.shape)
             instances.sample.append(s)
-            instances.followed_by_text.append(any(isinstance(later, TextItem) and later.ids.numel() for later in sample[j + 1:]))
+            instances.followed_by_text.append(text_after[j])
             instances.data.append(item.data.reshape(math.prod(item.shape), -1))
         if close:
             layout.special([vocab.eos], target = True)
@@ -366,7 +380,7 @@ def pack(samples: list[Sample], config: TransfusionConfig, vocab: Vocabulary, de
     token_ids = host['token_ids']
     nonempty = [t for t in layout.text_ids if t.numel()]
     if nonempty:
-        text_ids = cat_on_device([t.long() for t in nonempty], device).clamp(0, vocab.size - 1)  # see ValueCheck
+        text_ids = cat_on_device(nonempty, device).clamp(0, vocab.size - 1)  # int64 since parsing; clamped: see ValueCheck
         token_ids = token_ids.index_put((host['text_positions'],), text_ids)
     groups = [
         LatentGroup(

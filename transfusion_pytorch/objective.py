@@ -39,6 +39,7 @@ def text_only_loss(model, ids: Tensor) -> LossBreakdown:
         raise ValueError(f'text-only training expects token ids of shape (b, n) with b >= 1 and n >= 2, got {tuple(ids.shape)}')
     if ids.dtype == torch.bool or ids.is_complex():
         raise TypeError(f'text-only training expects integer token ids, got {ids.dtype}')
+    ids = ids.long()              # range checks on uint8 / int16 ids would wrap (and uint16 has no `<`)
     limit = model.config.num_text_tokens
     invalid = EarlyFlag(((ids < 0) | (ids >= limit)).any())
     if ids.device.type == 'cpu':

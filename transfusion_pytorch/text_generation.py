@@ -178,6 +178,7 @@ def generate_text_only(
     if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.is_floating_point() or prompt.dtype == torch.bool:
         raise ValueError(f'prompt must be integer token ids of shape (b, p) with p >= 1, got {tuple(prompt.shape)} {prompt.dtype}')
     text_count = model.config.num_text_tokens
+    prompt = prompt.long()        # range checks on uint8 / int16 ids would wrap
     if bool(((prompt < 0) | (prompt >= text_count)).any()):
         raise ValueError(f'prompt ids must lie in [0, num_text_tokens={text_count})')
     prompt = prompt.to(model.device).long()

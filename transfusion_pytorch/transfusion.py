@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -116,7 +117,7 @@ class Transfusion(nn.Module):
 
     @typechecked
     def forward(self, batch: Batch, *, modality_type: int | None = None, return_breakdown: bool = False,
-                times: Float[Tensor, 'i'] | None = None, noise: list[Tensor] | None = None
+                times: Float[Tensor, 'i'] | Float[Tensor, ''] | Sequence[float] | None = None, noise: list[Tensor] | None = None
                 ) -> Float[Tensor, ''] | tuple[Float[Tensor, ''], LossBreakdown]:
         """Scalar training loss (and a LossBreakdown with return_breakdown=True).
 
@@ -192,7 +193,7 @@ class Transfusion(nn.Module):
 
     @torch.no_grad()
     @typechecked
-    def predict(self, batch: Batch, times: Float[Tensor, 'i'] | None = None, noise: list[Tensor] | None = None, *,
+    def predict(self, batch: Batch, times: Float[Tensor, 'i'] | Float[Tensor, ''] | Sequence[float] | None = None, noise: list[Tensor] | None = None, *,
                 modality_type: int | None = None) -> Prediction:
         """Per-token text logits and per-instance velocities for a batch at the given times and
         noise (drawn when not given), without dropout of conditioning. Runs under no_grad; call
@@ -246,7 +247,7 @@ class Transfusion(nn.Module):
     # sampling (sampling.py, text_generation.py)
 
     @typechecked
-    def sample_many(self, prompts: list, *, max_length: int = 2048, text_temperature: float = 1., text_min_p: float = 0.1,
+    def sample_many(self, prompts: Sequence, *, max_length: int = 2048, text_temperature: float = 1., text_min_p: float = 0.1,
                     cache_kv: bool = True, modality_steps: int = 16, ode_method: str = 'midpoint',
                     fixed_modality_shape = None, force_modality_at_start = None, cfg_scale: float = 1.,
                     seed = None, show_progress: bool = True, stop_after_modality: bool = False,
@@ -294,7 +295,7 @@ class Transfusion(nn.Module):
         return self.sample_many([prompt], **kwargs)[0]
 
     @typechecked
-    def generate_modality_only(self, batch_size: int = 1, modality_type: int = 0, fixed_modality_shape: tuple[int, ...] | None = None,
+    def generate_modality_only(self, batch_size: int = 1, modality_type: int = 0, fixed_modality_shape: Sequence[int] | None = None,
                                modality_steps: int = 16, ode_method: str = 'midpoint', cfg_scale: float = 1., seed = None,
                                show_progress: bool = False, cuda_graphs: bool = True) -> Float[Tensor, 'b ...']:
         """Float['b ...'] instances of one modality generated unconditionally (after BOS), in the
