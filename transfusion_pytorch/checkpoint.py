@@ -74,13 +74,15 @@ def _is_coder_key(key: str, prefix: str) -> bool:
 
 def _module_state(module: nn.Module, include_coders: bool, prefix: str = '') -> dict:
     """A plain state dict (`prefix`: where the Transfusion sits, 'module.' inside an EMA)."""
-    state = module.state_dict()
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-        if any(isinstance(v, DTensor) for v in state.values()):
-            raise TypeError('the model is sharded (FSDP2): save_training_state gathers it (call it on every rank); for '
-                            'save_pretrained, load a full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict('
-                            'model, options=StateDictOptions(full_state_dict=True))) into an unsharded Transfusion.from_config(model.config)')
+    if is_sharded(module):
+        raise TypeError('the model is sharded (FSDP2): save_training_state gathers it (call it on every rank); for '
+                        'save_pretrained, load a full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict('
+                        'model, options=StateDictOptions(full_state_dict=True))) into an unsharded Transfusion.from_config(model.config)')
+    return _kept(module.state_dict(), include_coders, prefix)
+
+
+def _kept(state: dict, include_coders: bool, prefix: str = '') -> dict:
+    """`state` without the encoders'/decoders' entries unless they are to be saved."""
     return {k: v for k, v in state.items() if include_coders or not _is_coder_key(k, prefix)}
 
 
@@ -242,7 +244,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     rng_states = gathered_rng_states()
     if is_sharded(model):
         model_state, optimizer_state = full_states(model, optimizer)
-        model_state = {k: v for k, v in model_state.items() if include or not _is_coder_key(k, '')}
+        model_state = _kept(model_state, include)
     else:
         model_state, optimizer_state = _module_state(model, include), optimizer.state_dict()
     payload = {'model': model_state, 'optimizer': optimizer_state, 'rng': rng_states[0], 'rng_per_rank': rng_states}

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .modes import eval_mode
+
 
 def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch, *, delta: float = 1e-3, alpha: float = 1e-5,
                           modality_type: int | None = None, times: Tensor | None = None,
@@ -67,12 +69,8 @@ def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch, *, delt
     zero = model.token_embedding.weight.new_zeros((), dtype = torch.float32)
     if torch.is_tensor(batch) and not batch.is_floating_point():
         return zero                                                 # text-only: nothing to flow
-    was_training = model.training
-    model.eval()                                                    # encoders run as in predict
-    try:
+    with eval_mode(model):                                          # encoders run as in predict
         packed = model.pack(model._as_samples(batch, modality_type))   # encoded once, for both predictions
-    finally:
-        model.train(was_training)
     if packed.num_instances == 0:
         return zero
     if times is None:

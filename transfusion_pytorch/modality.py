@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ModalityConfig, TransfusionConfig
+from .modes import eval_mode
 from .transformer import Modulation
 from .unet import LatentUNet
 
@@ -155,13 +156,8 @@ class Modalities(nn.Module):
     def _run_coder(module: nn.Module, x: Tensor, trainable: bool) -> Tensor:
         if trainable:
             return module(x)
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                return module(x)
-        finally:
-            module.train(was_training)
+        with eval_mode(module), torch.no_grad():
+            return module(x)
 
     def embed(self, modality: int, inputs: Tensor, shape: tuple[int, ...], token_time: Tensor) -> Tensor:
         """Instances of one `shape`: inputs Float['b L c'] (L = prod(shape)) and time embeddings

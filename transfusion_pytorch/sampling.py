@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import flow
 from .batch import TextItem, to_items
 from .decoding import CachedRunner, UncachedRunner
+from .modes import eval_mode
 from .text_generation import check_text_sampling, choose_tokens
 from .tokens import ShapeDecoder, min_instance_length
 
@@ -353,9 +354,7 @@ def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = 
     forced = forced_start(model, force_modality_at_start)
     user_prompts = [_normalize_prompt(p) for p in prompts]
     generators = _generators(seed, len(user_prompts), model.device)
-    was_training = model.training
-    model.eval()    # before the prompts are encoded: a trainable encoder must not run in train mode
-    try:
+    with eval_mode(model):    # from encoding the prompts on: a trainable encoder must not run in train mode
         items = model_items(model, user_prompts)
         rows = [Row(index = i, output = [_echo(x, model.device) for x in p], generator = g, stop_after_modality = stop_after_modality)
                 for i, (p, g) in enumerate(zip(user_prompts, generators))]
@@ -363,8 +362,6 @@ def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = 
         for row, row_items in zip(rows, items):
             prefill_row(sampler, row, row_items, forced)
         return sampler.loop(rows)
-    finally:
-        model.train(was_training)
 
 
 def prefill_row(sampler: Sampler, row: Row, items: list, forced: tuple[int, tuple[int, ...] | None] | None) -> None:

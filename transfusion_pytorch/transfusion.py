@@ -14,6 +14,7 @@ Glossary: b batch, n tokens, d model dim, v vocabulary, i instances, l latent to
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from .debug import Batch, typechecked
 from .masks import alibi_slopes, causal_mask
 from .token_layout import packed_transformer_inputs
 from .modality import Modalities
+from .modes import eval_mode
 from .objective import LossBreakdown
 from .tokens import Vocabulary
 from .transformer import Transformer
@@ -150,8 +152,10 @@ class Transfusion(nn.Module):
 
     def pack(self, batch, close: bool = True, defer_check: bool = False):
         """Validate a list of samples and lay it out as one packed sequence on the model's device.
-        defer_check: also return the batch's ValueCheck instead of raising at once (see batch.py)."""
-        with self.modalities.encoder_state_kept_on_error():
+        defer_check: also return the batch's ValueCheck instead of raising at once (see batch.py);
+        the caller then keeps the encoders' state until it has raised (as `forward` does)."""
+        keep_state = nullcontext() if defer_check else self.modalities.encoder_state_kept_on_error()
+        with keep_state:
             samples, check = to_items(batch, self.config, self.modalities.encode)
             if not defer_check:
                 check.raise_if_invalid()
@@ -198,27 +202,19 @@ class Transfusion(nn.Module):
         """Per-token text logits and per-instance velocities for a batch at the given times and
         noise (drawn when not given), without dropout of conditioning. Runs under no_grad; call
         `predict.__wrapped__(model, ...)` for gradients."""
-        was_training = self.training
-        self.eval()   # before packing: a trainable encoder must not run in train mode here
-        try:
+        with eval_mode(self):   # from packing on: a trainable encoder must not run in train mode here
             packed = self.pack(self._as_samples(batch, modality_type))
-        finally:
-            self.train(was_training)
         return self.predict_packed(packed, times, noise)
 
     def predict_packed(self, packed: PackedBatch, times: Tensor | None = None, noise: list[Tensor] | None = None) -> Prediction:
         """`predict` for a batch already packed (and encoded) by `pack`, in eval mode, with
         gradients unless the caller turns them off: several predictions of one batch (as in
         consistency training) encode it once."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             times, group_noise, _ = objective.draw(self, packed, times, noise)
             noised_inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
             hidden = self.packed_hidden(packed, noised_inputs, times)
             velocities = [self.modalities.velocity_group(g.modality, hidden[g.index], x_t, g.shapes) for g, x_t in zip(packed.groups, noised_inputs)]
-        finally:
-            self.train(was_training)
         logits = self.to_logits(hidden)
         token_ids = packed.token_ids.masked_fill(packed.instance >= 0, -1)
         per_instance = lambda tensors: self._split_instances(packed, tensors)
@@ -331,12 +327,8 @@ class Transfusion(nn.Module):
         from .text_generation import generate_text_only
         if compile_step is None:
             compile_step = self.config.transformer.compile_blocks
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return generate_text_only(self, prompt, seq_len, temperature, min_p, cache_kv, compile_step)
-        finally:
-            self.train(was_training)
 
     # ---------------------------------------------------------------------------------------
     # checkpoints (checkpoint.py): thin entry points; the format and its guarantees live there
