@@ -11,6 +11,7 @@ checkpoint saved under DDP loads into the sharded model with the same weights.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from datetime import timedelta
@@ -106,3 +107,9 @@ def main(workdir: Path) -> None:
 if __name__ == '__main__':
     torch.set_num_threads(1)
     main(Path(sys.argv[1]))
+    # about 1 run in 14 with FSDP2's state-dict helpers, a process aborted in interpreter teardown
+    # ("terminate called without an active exception") after its work and the process group
+    # were done; leaving without the teardown keeps the test's verdict on the work itself
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
