@@ -134,9 +134,11 @@ def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -
         cache_keys.index_copy_(2, positions, k.to(cache_keys.dtype))
         cache_values.index_copy_(2, positions, v.to(cache_values.dtype))
     else:
-        index = positions[:, None, :, None].expand_as(k)
-        cache_keys.scatter_(2, index, k.to(cache_keys.dtype))
-        cache_values.scatter_(2, index, v.to(cache_values.dtype))
+        # an index put, not scatter_: compiled, scatter_ into a graph input copied the whole
+        # cache per layer and step (1 ms per tensor at 8 x 1536 slots on CPU); this writes in place
+        rows = torch.arange(k.shape[0], device = k.device)[:, None]
+        cache_keys[rows, :, positions] = rearrange(k, 'b h n e -> b n h e').to(cache_keys.dtype)        # indexed: (b, n, h, e)
+        cache_values[rows, :, positions] = rearrange(v, 'b h n e -> b n h e').to(cache_values.dtype)
     return cache_keys, cache_values
 
 
