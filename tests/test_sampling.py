@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import randint, randn
 
-from transfusion_pytorch import Transfusion, print_modality_sample
+from transfusion_pytorch import Transfusion, decoding, print_modality_sample
 from transfusion_pytorch.tokens import ShapeDecoder, Vocabulary
 
 from conftest import tiny_model
@@ -53,6 +53,25 @@ def test_sample_many_equals_sample_one_by_one():
     many = model.sample_many(prompts, seed = [5, 6, 7, 8], **kwargs)
     for prompt, seed, batched in zip(prompts, [5, 6, 7, 8], many):
         assert_samples_equal(batched, model.sample(prompt, seed = seed, **kwargs))
+
+
+def test_long_samples_agree_batched_one_by_one_and_uncached(monkeypatch):
+    """Cached steps attend over the slots their rows have filled (rounded up to 64), not the
+    whole cache, and rows that finish are dropped from the cache: neither changes a sample.
+    Prompts of 70 to 190 tokens put the rows in different windows, and the rows end at
+    different steps, so later steps run on a compacted cache."""
+    compactions = []
+    compact = decoding.CachedRunner._compact
+    monkeypatch.setattr(decoding.CachedRunner, '_compact', lambda runner: (compactions.append(runner.cache.batch), compact(runner)))
+    model = tiny_model()
+    prompts = [randint(0, 16, (n,)) for n in (70, 190, 130, 100)]
+    seeds = [1, 2, 3, 4]
+    kwargs = dict(max_length = 240, modality_steps = 2, text_temperature = 1., **QUIET)
+    many = model.sample_many(prompts, seed = seeds, **kwargs)
+    assert len(compactions) >= 2, compactions                     # rows finished at different steps
+    for prompt, seed, batched in zip(prompts, seeds, many):
+        assert_samples_equal(batched, model.sample(prompt, seed = seed, **kwargs))
+        assert_samples_equal(batched, model.sample(prompt, seed = seed, cache_kv = False, **kwargs))
 
 
 def test_multi_axis_shape_round_trips_through_shape_tokens():

@@ -42,6 +42,13 @@ from .transfer import host_to_device
 COMPILED_STEP_DEVICES = {'cpu'}
 
 
+# A cached step attends over the slots its rows have filled, rounded up to a multiple of this,
+# not over all max_length slots: with the whole cache, every text token cost time in proportion
+# to max_length (sample_many, 8 rows, CPU benchmark size: 2.4 s at max_length 384, 27 s at
+# 1536). Rounding keeps the number of distinct shapes the compiled blocks see small.
+VISIBLE_SLOTS_MULTIPLE = 64
+
+
 def check_prompt_fits(row: int, length: int, max_length: int) -> None:
     if length >= max_length:
         raise ValueError(f'sample {row}: the prompt takes {length} tokens, which leaves no room under max_length={max_length}')
@@ -55,10 +62,11 @@ class StepContext:
     positions: Tensor                    # Int['b q'] (or Int['b q k'] axial) rotary positions
     mask: AttentionMask
     routing: Routing | None
-    cache: KVCache                       # the runner's cache, or a copy of the rows taking part
+    cache: KVCache                       # the runner's cache, or a copy of the rows taking part (their visible slots)
     views: list                          # per layer (keys, values, write slots Int['b q'])
     token_instance: Tensor | None        # Int['b q'] adaptive-conditioning instance per token (-1: none)
     subset: Tensor | None                # Int['b'] rows of the runner's cache when `cache` is a copy
+    slots: Tensor                        # Int['b q'] the cache slots the step writes
 
 
 class CachedRunner:
@@ -67,6 +75,24 @@ class CachedRunner:
         self.cache = KVCache.for_model(model, batch, slots)
         self.lengths = [0] * batch
         self.cuda_graphs = cuda_graphs
+        self.cache_row = list(range(batch))    # row of self.cache holding each sample row (None: released)
+        self.released = False                  # rows were released since the cache was last compacted
+
+    def release(self, row: int) -> None:
+        """Sample row `row` takes no more steps. Its cache row is dropped before the next step,
+        so the rows still sampling share the whole (smaller) cache: steps over some rows of a
+        cache copy those rows and write back what they added, every step until the end."""
+        self.cache_row[row] = None
+        self.released = True
+
+    def _compact(self) -> None:
+        alive = [r for r, c in enumerate(self.cache_row) if c is not None]
+        if alive:
+            self.cache = self.cache.rows(torch.tensor([self.cache_row[r] for r in alive], device = self.model.device))
+        self.cache_row = [None] * len(self.cache_row)
+        for position, r in enumerate(alive):
+            self.cache_row[r] = position
+        self.released = False
 
     def _context(self, rows: list[int], q: int, span: int, modality: int | None = None,
                  shape: tuple[int, ...] | None = None, isolated: Tensor | None = None) -> StepContext:
@@ -74,19 +100,29 @@ class CachedRunner:
         prod(shape) tokens are the latents of one instance of `modality`; `span` of the new tokens
         see each other (bidirectional); `isolated` rows see only their new tokens."""
         model, device, b = self.model, self.model.device, len(rows)
+        if self.released:
+            self._compact()
         latents = math.prod(shape) if shape is not None else 0
         starts = host_to_device(torch.tensor([self.lengths[r] for r in rows], dtype = torch.long), device)
         slots = starts[:, None] + torch.arange(q, device = device)
+        visible = self._visible_slots(rows, q)
         alibi = step_alibi(model, shape) if shape is not None else None
-        mask = prefix_mask(starts, q, self.cache.slots, bidirectional_span = span, isolated = isolated, instance_bias = alibi)
+        mask = prefix_mask(starts, q, visible, bidirectional_span = span, isolated = isolated, instance_bias = alibi)
         token_instance = None
         if model.modalities.adaptive is not None and latents:
             token_instance = torch.arange(b, device = device)[:, None].expand(-1, q)
             token_instance = torch.where(torch.arange(q, device = device) < latents, token_instance, -1)   # text-like: none
-        subset = None if rows == list(range(self.cache.batch)) else host_to_device(torch.tensor(rows), device)
-        cache = self.cache if subset is None else self.cache.rows(subset)
+        cache_rows = [self.cache_row[r] for r in rows]
+        subset = None if cache_rows == list(range(self.cache.batch)) else host_to_device(torch.tensor(cache_rows), device)
+        cache = self.cache if subset is None else self.cache.rows(subset, visible)
         return StepContext(step_positions(model.config, starts, q, shape), mask, step_routing(model.config, modality, b, q, latents, device),
-                           cache, cache.layer_views(slots), token_instance, subset)
+                           cache, cache.layer_views(slots, visible), token_instance, subset, slots)
+
+    def _visible_slots(self, rows: list[int], q: int) -> int:
+        """Slots a step over `rows` adding q tokens attends over: up to the longest row's last new
+        token, rounded up to a multiple of VISIBLE_SLOTS_MULTIPLE, at most the cache's."""
+        needed = max(self.lengths[r] for r in rows) + q
+        return min(self.cache.slots, -(-needed // VISIBLE_SLOTS_MULTIPLE) * VISIBLE_SLOTS_MULTIPLE)
 
     def _run(self, context: StepContext, x: Tensor, time_embedding: Tensor | None = None) -> Tensor:
         """Float['b q d'] new tokens through the transformer over the cache; returns Float['b q d']."""
@@ -99,17 +135,18 @@ class CachedRunner:
 
     def _persist(self, context: StepContext) -> None:
         if context.subset is not None:
-            self.cache.copy_rows_(context.cache, context.subset)
+            self.cache.copy_slots_(context.cache, context.subset, context.slots)
 
     def prefill(self, row: int, items: list) -> tuple[Tensor, int]:
         model = self.model
         packed = pack([items], model.config, model.vocab, model.device, close = False)
         check_prompt_fits(row, packed.length, self.cache.slots)
         times = torch.ones(packed.num_instances, device = model.device)
-        cache = self.cache.rows(torch.tensor([row], device = model.device))
+        cache_row = torch.tensor([self.cache_row[row]], device = model.device)
+        cache = self.cache.rows(cache_row)
         views = cache.layer_views(packed.positions[None])
         hidden = model.packed_hidden(packed, [g.data for g in packed.groups], times, cache = views, kv_length = self.cache.slots, compiled = False)
-        self.cache.copy_rows_(cache, torch.tensor([row], device = model.device))
+        self.cache.copy_rows_(cache, cache_row)
         self.lengths[row] = packed.length
         return model.to_logits(hidden[-1]), packed.length
 
@@ -206,6 +243,9 @@ class UncachedRunner:
             isolated = flags[packed.instance]
         hidden = model.packed_hidden(packed, [g.data for g in packed.groups], times, isolated, compiled = False)
         return packed, hidden, last_instance
+
+    def release(self, row: int) -> None:
+        self.sequences[row] = []
 
     def _last_logits(self, rows: list[int]) -> Tensor:
         packed, hidden, _ = self._run([self.sequences[r] for r in rows])

@@ -46,19 +46,29 @@ class KVCache:
     def tensors(self) -> list[Tensor]:
         return self.keys + self.values
 
-    def layer_views(self, write_positions: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    def layer_views(self, write_positions: Tensor, visible: int | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per layer (keys, values, write_positions) for `Transformer.forward(cache=...)`.
-        write_positions: Int['b n'] slots per row, or Int['n'] shared by all rows."""
-        return [(k, v, write_positions) for k, v in zip(self.keys, self.values)]
+        write_positions: Int['b n'] slots per row, or Int['n'] shared by all rows.
+        visible: attend over the first `visible` slots only (views, so writes land in the
+            cache); every write position must lie below it."""
+        return [(k[:, :, :visible], v[:, :, :visible], write_positions) for k, v in zip(self.keys, self.values)]
 
-    def rows(self, index: Tensor) -> 'KVCache':
-        """A new cache holding copies of the given rows."""
+    def rows(self, index: Tensor, visible: int | None = None) -> 'KVCache':
+        """A new cache holding copies of the given rows (of their first `visible` slots)."""
         subset = KVCache.__new__(KVCache)
-        subset.keys = [k[index] for k in self.keys]
-        subset.values = [v[index] for v in self.values]
+        subset.keys = [k[index, :, :visible] for k in self.keys]
+        subset.values = [v[index, :, :visible] for v in self.values]
         return subset
 
     def copy_rows_(self, source: 'KVCache', destination_rows: Tensor) -> None:
         """Write all rows of `source` into rows `destination_rows` of this cache."""
         for mine, theirs in zip(self.tensors(), source.tensors()):
             mine[destination_rows] = theirs
+
+    def copy_slots_(self, source: 'KVCache', destination_rows: Tensor, slots: Tensor) -> None:
+        """Write slots Int['b q'] of each row of `source` (row i's slots are slots[i]) into rows
+        destination_rows Int['b'] of this cache. A step on a copy of some rows writes only its
+        new tokens' slots, so copying back just those is a sliver of copying whole rows."""
+        source_rows = torch.arange(slots.shape[0], device = slots.device)[:, None]
+        for mine, theirs in zip(self.tensors(), source.tensors()):
+            mine[destination_rows[:, None], :, slots] = theirs[source_rows, :, slots]

@@ -185,6 +185,7 @@ class Sampler:
     def finish(self, row: Row) -> None:
         self.flush_text(row)
         row.phase, row.queue = 'done', []
+        self.runner.release(row.index)
 
     # forwards
 
@@ -218,6 +219,8 @@ class Sampler:
             row.length += math.prod(spec.token_shape(shape)) + 1
             row.modality, row.shape = None, None
             row.phase = 'done' if row.stop_after_modality else 'text'
+            if row.phase == 'done':
+                self.runner.release(row.index)
         for row, row_logits in zip(continuing, logits if continuing else []):
             row.logits = row_logits
 
