@@ -150,3 +150,21 @@ def test_compiled_blocks_inside_cuda_graphs_sample_like_eager(monkeypatch, recwa
         for eager_sample, graphed_sample in zip(eager, run):
             torch.testing.assert_close(graphed_sample[-1][1], eager_sample[-1][1], atol = 1e-4, rtol = 1e-4)
     assert not [w for w in recwarn if 'CUDA graph capture failed' in str(w.message)]
+
+
+def test_graphed_function_runs_other_shapes_and_dtypes_eagerly():
+    """After capture, inputs of another shape or dtype are not copied (broadcast, cast) into
+    the captured buffers: that call runs the function itself."""
+    from transfusion_pytorch.graphs import GraphedFunction
+    scale = torch.randn(4, device = 'cuda')
+    graphed = GraphedFunction(lambda x, t: (x * scale).cumsum(0) * t)
+    x, t = torch.randn(3, 4, device = 'cuda'), torch.tensor(0.5, device = 'cuda')
+    for _ in range(2):   # capture, then replay
+        torch.testing.assert_close(graphed(x, t), (x * scale).cumsum(0) * t)
+    assert graphed.graph is not None
+    one_row = torch.randn(1, 4, device = 'cuda')           # copied into the (3, 4) buffer it would broadcast
+    torch.testing.assert_close(graphed(one_row, t), (one_row * scale).cumsum(0) * t)
+    doubles = torch.randn(3, 4, device = 'cuda', dtype = torch.float64)
+    result = graphed(doubles, t)                           # copied into the buffer it would be cast to fp32
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, (doubles * scale).cumsum(0) * t)

@@ -23,8 +23,9 @@ class GraphedFunction:
 
     The first call runs fn eagerly on a side stream (CUDA graphs need one warm-up run there),
     returns that result, and captures the graph; later calls copy their inputs into the
-    graph's static input buffers and replay. Inputs must keep their shapes and dtypes across
-    calls. Off CUDA, or with enabled=False, fn runs eagerly every time. If capture fails (fn
+    graph's static input buffers and replay. A call whose inputs differ in shape or dtype from
+    the captured ones runs eagerly (copying them into the buffers would broadcast or cast them
+    silently). Off CUDA, or with enabled=False, fn runs eagerly every time. If capture fails (fn
     synchronises, or an op cannot be captured) it warns once and runs eagerly from then on.
     """
 
@@ -41,6 +42,8 @@ class GraphedFunction:
         with torch.cuda.device(inputs[0].device):   # capture and replay on the inputs' GPU, not the current one
             if self.graph is None:
                 return self._warm_up_and_capture(inputs)
+            if any(value.shape != static.shape or value.dtype != static.dtype for static, value in zip(self.static_inputs, inputs)):
+                return self.fn(*inputs)
             for static, value in zip(self.static_inputs, inputs):
                 static.copy_(value)
             self.graph.replay()
