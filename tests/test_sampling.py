@@ -55,20 +55,23 @@ def test_sample_many_equals_sample_one_by_one():
         assert_samples_equal(batched, model.sample(prompt, seed = seed, **kwargs))
 
 
-def test_long_samples_agree_batched_one_by_one_and_uncached(monkeypatch):
+@pytest.mark.parametrize('options', [dict(), dict(force_modality_at_start = 0, cfg_scale = 2.)])
+def test_long_samples_agree_batched_one_by_one_and_uncached(monkeypatch, options):
     """Cached steps attend over the slots their rows have filled (rounded up to 64), not the
     whole cache, and rows that finish are dropped from the cache: neither changes a sample.
     Prompts of 70 to 190 tokens put the rows in different windows, and the rows end at
-    different steps, so later steps run on a compacted cache."""
+    different steps, so later steps run on a compacted cache; with a forced modality and
+    guidance, the ODE's steps (and their unconditional rows) run in those windows too."""
     compactions = []
     compact = decoding.CachedRunner._compact
     monkeypatch.setattr(decoding.CachedRunner, '_compact', lambda runner: (compactions.append(runner.cache.batch), compact(runner)))
     model = tiny_model()
     prompts = [randint(0, 16, (n,)) for n in (70, 190, 130, 100)]
     seeds = [1, 2, 3, 4]
-    kwargs = dict(max_length = 240, modality_steps = 2, text_temperature = 1., **QUIET)
+    kwargs = dict(max_length = 240, modality_steps = 2, text_temperature = 1., **options, **QUIET)
     many = model.sample_many(prompts, seed = seeds, **kwargs)
     assert len(compactions) >= 2, compactions                     # rows finished at different steps
+    assert all(len(sample) > 1 and is_modality(sample[1]) for sample in many) == ('force_modality_at_start' in options)
     for prompt, seed, batched in zip(prompts, seeds, many):
         assert_samples_equal(batched, model.sample(prompt, seed = seed, **kwargs))
         assert_samples_equal(batched, model.sample(prompt, seed = seed, cache_kv = False, **kwargs))
