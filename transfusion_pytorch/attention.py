@@ -96,8 +96,9 @@ class Attention(nn.Module):
         """x: Float['b n d']. rotary: (cos, sin) for the n tokens.
         first_values: the first layer's values Float['b h n e'] (value residual learning).
         cache: (keys, values, write_positions): keys and values Float['b h k e'] of a static
-            KV cache, updated in place at write_positions Int['b n']; attention then runs over
-            the whole cache and `mask` must hide the slots not yet written.
+            KV cache (or a view of its first k slots), updated in place at write_positions
+            Int['b n']; attention then runs over all k slots and `mask` must hide those not
+            yet written.
         routing: which expert projections each token uses (mixture of experts by modality).
         Returns the output Float['b n d'] and this layer's values (for value residual learning).
         """

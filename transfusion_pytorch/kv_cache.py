@@ -1,9 +1,11 @@
 """A static, preallocated key/value cache written at explicit positions.
 
-Shapes never change after allocation, so decoding steps have static shapes (what CUDA graphs
-and torch.compile need). Each row of the batch is one sample; a step writes its new tokens'
-keys and values at given slots, and the attention mask hides the slots a row has not written
-yet. Which slots are valid is the sampler's business, not the cache's.
+The tensors are allocated once for the longest sequence; a step reads a view of the first slots
+(as many as its rows have filled, so its cost follows the tokens so far, not max_length), and
+repeated steps over the same view have static shapes (what CUDA graphs and torch.compile need).
+Each row of the batch is one sample; a step writes its new tokens' keys and values at given
+slots, and the attention mask hides the slots a row has not written yet. Which slots are valid
+is the sampler's business, not the cache's.
 
 Each layer owns separate key and value tensors (not views of one large tensor), so a compiled
 step can update them in place instead of copying the whole cache.
