@@ -97,6 +97,7 @@ def test_shape_tokens_off_requires_the_fixed_shape():
     (dict(text_loss_weight = float('inf')), 'text_loss_weight must be a finite non-negative number, got inf'),
     (dict(dim_latent = None, modality_default_shape = (4, 4), modality_downsample = 2),
      r"\['modality_default_shape', 'modality_downsample'\] describe modalities, but there are none: pass dim_latent"),
+    (dict(modalities = ()), r'modalities is built from dim_latent .* use Transfusion.from_config'),
 ])
 def test_bad_configuration_explains_itself(kwargs, message):
     base = dict(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 64, depth = 2))

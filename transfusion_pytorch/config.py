@@ -261,7 +261,8 @@ class TransfusionConfig:
         return max([m.num_axes or 0 for m in self.modalities] + [1])
 
     def to_dict(self) -> dict:
-        """Plain JSON-serialisable form (tuples become lists)."""
+        """Nested dicts of plain values, JSON-serialisable (tuples stay tuples here; JSON writes
+        them as lists, and from_dict reads either)."""
         return asdict(self)
 
     @classmethod
@@ -361,6 +362,8 @@ def build_config(
     )
     unknown = set(model_options) - {f.name for f in fields(TransfusionConfig)}
     _require(not unknown, f'unknown Transfusion options {sorted(unknown)}')
+    _require('modalities' not in model_options, 'modalities is built from dim_latent and the per-modality keywords; '
+             'for a ready TransfusionConfig use Transfusion.from_config(config)')
     if model_options.get('modality_experts'):
         transformer = replace(transformer, experts = 1 + count)
     return TransfusionConfig(num_text_tokens = num_text_tokens, transformer = transformer, modalities = modalities, **model_options)

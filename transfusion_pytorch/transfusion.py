@@ -74,8 +74,9 @@ class Transfusion(nn.Module):
     (see TransformerConfig), `dim_latent` (an int, or one per modality), `modality_default_shape`,
     `channel_first_latent`, `add_modality_shape_tokens`, `modality_loss_weight`,
     `modality_encoder` / `modality_decoder` (a module or one per modality, frozen unless
-    `train_modality_encoders=True`), and any TransfusionConfig field (loss weights, time
-    sampling, noise limiting, condition dropout, ...).
+    `train_modality_encoders=True`), and any other TransfusionConfig field (loss weights, time
+    sampling, noise limiting, condition dropout, ...) but `modalities`, which the per-modality
+    keywords build; a ready TransfusionConfig goes to `Transfusion.from_config`.
     """
 
     def __init__(self, num_text_tokens: int, transformer: dict, modality_encoder = None, modality_decoder = None,
