@@ -276,3 +276,31 @@ def test_a_model_in_another_dtype_samples_through_its_decoder(dtype):
     plain = tiny_model().to(dtype)
     sample = plain.sample(force_modality_at_start = 0, modality_steps = 2, stop_after_modality = True, **QUIET)
     assert sample[0][1].dtype == dtype
+
+
+def test_cfg_scale_zero_is_the_unconditional_field():
+    """At cfg_scale 0 the field is the unconditional branch alone, which sees only its own
+    instance: two different prompts give the same latents from the same noise."""
+    model = tiny_model()
+    kw = dict(max_length = 40, force_modality_at_start = (0, (2, 3)), modality_steps = 3, seed = 2, show_progress = False,
+              stop_after_modality = True, cfg_scale = 0.)
+    a = model.sample(randint(0, 16, (5,)), **kw)[-1][1]
+    b = model.sample([randint(0, 16, (2,)), (1, randn(3, 4))], **kw)[-1][1]
+    torch.testing.assert_close(a, b)
+
+
+def test_returned_latents_are_what_the_model_conditioned_on():
+    """Greedy text after a sampled instance equals greedy text after the same instance given back as a prompt."""
+    model = tiny_model()
+    kw = dict(text_temperature = 0., max_length = 30, modality_steps = 2, show_progress = False)
+    first = model.sample(force_modality_at_start = (0, (2, 3)), seed = 0, **kw)
+    again = model.sample([first[0]], seed = 1, **kw)
+    assert len(first) > 1 and torch.equal(first[1], again[1])
+
+
+def test_the_ode_runs_in_fp32_for_a_bf16_model(monkeypatch):
+    from transfusion_pytorch import flow
+    dtypes, integrate = [], flow.integrate
+    monkeypatch.setattr(flow, 'integrate', lambda field, noise, *a, **k: (dtypes.append(noise.dtype), integrate(field, noise, *a, **k))[1])
+    tiny_model().to(torch.bfloat16).generate_modality_only(modality_steps = 2)
+    assert dtypes == [torch.float32]

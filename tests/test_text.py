@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.text_generation import choose_tokens, min_p_keep
@@ -191,3 +192,11 @@ def test_a_tiny_temperature_is_still_greedy_among_the_allowed_tokens():
     allowed = torch.tensor([False, True, True, True])
     assert choose_tokens(logits, 1e-40, min_p = 0., allowed = allowed).tolist() == [2, 3]
     assert choose_tokens(logits, 0., allowed = allowed).tolist() == [2, 3]
+
+
+def test_text_only_loss_is_next_token_ce():
+    """A text-only batch's loss is the mean next-token cross-entropy of its logits."""
+    model = text_model().eval()
+    ids = torch.randint(0, 32, (3, 9))
+    expected = F.cross_entropy(model.text_logits(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(model(ids), expected)

@@ -2,6 +2,7 @@
 model, packing, loss scale and learning."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn, randint, randn
 
 from transfusion_pytorch import Transfusion, objective
@@ -262,3 +263,37 @@ def test_compile_options_reach_inductor_and_keep_the_gradients():
     torch.testing.assert_close(losses[1], losses[0], atol = 1e-5, rtol = 1e-5)
     for (name, a), b in zip(eager.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol = 1e-5, rtol = 1e-4, msg = lambda m: f'{name}: {m}')
+
+
+def test_text_loss_is_next_token_ce_over_the_documented_targets():
+    """The text loss, rebuilt by hand from predict(): cross-entropy of each token's logits
+    against the next token, where that token is text, a begin, a shape token or EOS (not an
+    end token, BOS or a latent)."""
+    model = tiny_model().eval()
+    batch, times, noise = mixed_batch(), torch.rand(3), [randn(2, 3, 8), randn(4, 4), randn(1, 2, 8)]
+    pred = model.predict(batch, times, noise)
+    _, parts = model(batch, times = times, noise = noise, return_breakdown = True)
+    vocab = model.vocab
+    logits, targets = [], []
+    for sample_logits, ids in zip(pred.logits, pred.token_ids):
+        for j in range(len(ids) - 1):
+            following = int(ids[j + 1])
+            if following >= 0 and following != vocab.bos and following not in vocab.end:   # latents are -1
+                logits.append(sample_logits[j])
+                targets.append(following)
+    expected = F.cross_entropy(torch.stack(logits), torch.tensor(targets))
+    torch.testing.assert_close(parts.text, expected)
+
+
+def test_condition_dropout_cuts_the_instance_off_its_context():
+    """An instance whose condition is dropped sees only itself: with (almost) every instance
+    dropped, changing the text before it leaves its flow loss unchanged."""
+    model = tiny_model(condition_dropout = 0.999).train()
+    times, noise = torch.tensor([.4]), [randn(2, 3, 8)]
+    image = randn(2, 3, 8)
+    flows = []
+    for text in (randint(0, 16, (5,)), randint(0, 16, (2,))):
+        torch.manual_seed(0)
+        _, parts = model([[text, image]], times = times, noise = noise, return_breakdown = True)
+        flows.append(parts.flow)
+    torch.testing.assert_close(flows[0], flows[1])

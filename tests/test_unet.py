@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import randint, randn
 
 from transfusion_pytorch import Transfusion
@@ -88,3 +89,16 @@ def test_unet_learns_a_toy_image():
         parts.total.backward()
         optimizer.step()
     assert parts.flow.item() < 0.1 * first
+
+
+def test_flow_loss_equals_predict_mse_with_a_unet():
+    """With U-Nets around the transformer, the flow loss is the MSE between predict()'s
+    velocities (the U-Net's skip fed the noised input, not the data) and x1 - noise."""
+    model = unet_model().eval()
+    batch = [[randint(0, 16, (3,)), randn(4, 6, 4), (1, randn(16, 3))]]
+    times, noise = torch.tensor([.3, .6]), [randn(4, 6, 4), randn(16, 3)]
+    pred = model.predict(batch, times, noise)
+    _, parts = model(batch, times = times, noise = noise, return_breakdown = True)
+    for m in (0, 1):
+        torch.testing.assert_close(parts.flow_per_modality[m], F.mse_loss(pred.velocities[m], pred.targets[m]))
+        torch.testing.assert_close(pred.targets[m], (batch[0][1] if m == 0 else batch[0][2][1]) - noise[m])
