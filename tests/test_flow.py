@@ -39,11 +39,17 @@ def test_straight_field_is_solved_exactly_by_euler_in_one_step():
     torch.testing.assert_close(flow.integrate(field, noise, 1, 'euler'), data)
 
 
-def test_time_sampling_ranges():
+def test_time_sampling_ranges_and_distributions():
+    generator = torch.Generator().manual_seed(0)
     for method in ('uniform', 'logit_normal'):
-        t = flow.sample_times(10_000, method, torch.device('cpu'))
+        t = flow.sample_times(20_000, method, torch.device('cpu'), generator)
         assert ((t >= 0) & (t <= 1)).all()
-    limited = flow.limit_noise(torch.rand(1000), torch.ones(1000, dtype = torch.bool))
-    assert (limited >= 0.5).all()
+    uniform = flow.sample_times(20_000, 'uniform', torch.device('cpu'), generator)
+    assert abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.std() - 12 ** -0.5) < 0.01
+    logits = flow.sample_times(20_000, 'logit_normal', torch.device('cpu'), generator).logit()   # a standard normal
+    assert abs(logits.mean()) < 0.03 and abs(logits.std() - 1) < 0.03
+    times = torch.tensor([0., .5, 1., .2])
+    limited = flow.limit_noise(times, torch.tensor([True, True, True, False]))
+    assert torch.equal(limited, torch.tensor([.5, .75, 1., .2]))      # [0, 1] onto [0.5, 1], the others kept
     with pytest.raises(ValueError, match = 'time sampling'):
         flow.sample_times(3, 'beta', torch.device('cpu'))

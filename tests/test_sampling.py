@@ -32,6 +32,9 @@ def assert_samples_equal(a, b, atol = 1e-5):
 @pytest.mark.parametrize('options', [dict(), dict(time_conditioning = 'adaptive'), dict(causal_modality_attention = True)])
 def test_cached_equals_uncached_through_a_forced_modality(options):
     model = tiny_model(**options)
+    if model.modalities.adaptive is not None:   # zero-initialised: give the modulation an effect to get wrong
+        for parameter in model.modalities.adaptive.parameters():
+            torch.nn.init.normal_(parameter, std = 0.1)
     kwargs = dict(max_length = 64, text_temperature = 0., force_modality_at_start = 0, modality_steps = 4, seed = 3, **QUIET)
     cached = model.sample(cache_kv = True, **kwargs)
     uncached = model.sample(cache_kv = False, **kwargs)

@@ -112,6 +112,7 @@ def draws_and_errors():
     return batch, [
         (dict(times = torch.tensor([float('nan'), .5])), ValueError, r'times must lie in \[0, 1\].*instance 0 has nan'),
         (dict(times = torch.tensor([.5, 1.5])), ValueError, r'instance 1 has 1.5'),
+        (dict(times = torch.tensor([-.25, .5])), ValueError, r'instance 0 has -0.25'),
         (dict(times = torch.rand(3)), ValueError, r'one value per modality instance \(2\), got 3'),
         (dict(times = 'half'), TypeError, r"times must be a tensor or a list of floats|parameter 'times'"),   # the latter: debug mode
         (dict(noise = [noise[0], noise[1].fill_(float('inf'))]), ValueError, 'noise for instance 1 holds non-finite values'),
