@@ -102,9 +102,31 @@ def test_every_option_trains_with_gradients_everywhere(option):
 @pytest.mark.parametrize('option', [dict(laser = True), dict(value_residual = True), dict(unet_skips = True)])
 def test_options_keep_cached_decoding_exact(option):
     model = text_model(**option)
+    for merge in model.transformer.skip_merges or []:   # initialised to pass x through: let the skip count
+        torch.nn.init.normal_(merge.proj.weight, std = 0.1)
     prompt = torch.randint(0, 32, (2, 3))
     cached = model.generate_text_only(prompt, 20, temperature = 0.)
     assert torch.equal(cached, model.generate_text_only(prompt, 20, temperature = 0., cache_kv = False))
+
+
+def test_unet_skips_join_mirrored_blocks():
+    """U-ViT long skips: block i's output is merged into the input of block depth - 1 - i (with
+    depth 4: block 1's into block 2, block 0's into block 3). Merge weights random, so each
+    skip counts; at depth 2 the only skip is the previous block's output, which proves nothing."""
+    torch.manual_seed(0)
+    model = Transfusion(num_text_tokens = 32, transformer = dict(dim = 64, depth = 4, heads = 2, dim_head = 32, unet_skips = True)).eval()
+    transformer = model.transformer
+    for merge in transformer.skip_merges:
+        torch.nn.init.normal_(merge.proj.weight, std = 0.1)
+    inputs, outputs = [], []
+    for block in transformer.blocks:
+        block.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        block.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+    with torch.no_grad():
+        model.text_logits(torch.randint(0, 32, (2, 7)))
+        inner, outer = (merge.proj for merge in transformer.skip_merges)   # a merge projects [x, skip] back to dim
+        torch.testing.assert_close(inputs[2], inner(torch.cat((outputs[1], outputs[1]), dim = -1)))
+        torch.testing.assert_close(inputs[3], outer(torch.cat((outputs[2], outputs[0]), dim = -1)))
 
 
 def test_text_only_validation():
