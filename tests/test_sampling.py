@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import randint, randn
 
-from transfusion_pytorch import Transfusion, decoding, print_modality_sample
+from transfusion_pytorch import Transfusion, decoding, print_modality_sample, sampling
 from transfusion_pytorch.tokens import ShapeDecoder, Vocabulary
 
 from conftest import tiny_model
@@ -126,6 +126,30 @@ def test_max_length_is_never_exceeded():
         sample = model.sample(max_length = 30, seed = seed, text_temperature = 1.5, text_min_p = 0., modality_steps = 1, **QUIET)
         packed = model.pack([sample])
         assert packed.length <= 30 + 1  # + EOS, which the sample does not hold
+
+
+@pytest.mark.parametrize('preferred', ['begin', 'eos'])
+def test_max_length_holds_whatever_the_sampler_prefers(monkeypatch, preferred):
+    """A sampler that always takes a begin token when the grammar allows one (or EOS) never
+    starts a modality without room to finish it, never passes max_length and never ends a
+    sample empty, at every max_length from the smallest up, free shapes and fixed ones."""
+    model = tiny_model()
+    vocab = model.vocab
+    favourites = list(vocab.begin) if preferred == 'begin' else [vocab.eos]
+
+    def choose(logits, temperature, min_p, allowed, generators):
+        score = torch.zeros(allowed.shape)
+        score[:, favourites] = 1
+        return score.masked_fill(~allowed, -1).argmax(dim = -1)   # else the lowest allowed id
+
+    monkeypatch.setattr(sampling, 'choose_tokens', choose)
+    for fixed in (None, {0: (1, 2), 1: (2,)}):
+        for max_length in range(3, 24):
+            sample = model.sample(max_length = max_length, fixed_modality_shape = fixed, modality_steps = 1, **QUIET)
+            assert sample, max_length
+            assert model.pack([sample]).length <= max_length + 1, (max_length, sample)   # + EOS, which the sample does not hold
+            if preferred == 'begin' and max_length >= 12:
+                assert any(is_modality(item) for item in sample), (max_length, sample)
 
 
 def test_a_sample_is_valid_input_to_forward_and_prompt():
