@@ -308,3 +308,59 @@ def test_a_bf16_model_comes_back_in_bf16_unless_asked_otherwise(tmp_path):
     edit_manifest(tmp_path, lambda m: m.update(dtype = 'int8'))
     with pytest.raises(ValueError, match = '"dtype" must name a floating torch dtype'):
         Transfusion.from_pretrained(tmp_path)
+
+
+def test_a_missing_decoder_is_refused_like_a_missing_encoder(tmp_path):
+    image_model(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 3, 1)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match = 'saved with a modality_decoder for modality 0; pass it again'):
+        Transfusion.from_pretrained(tmp_path, modality_encoder = nn.Conv2d(3, 8, 1))
+
+
+def test_a_trained_encoder_resumes_with_its_training_state(tmp_path):
+    """With train_modality_encoders the encoder is part of what is trained, so a training state
+    holds it by default: a fresh encoder passed at resume takes the trained weights."""
+    def build():
+        torch.manual_seed(0)   # the same initial weights for both models
+        return Transfusion(num_text_tokens = 8, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                           modality_encoder = nn.Conv2d(3, 8, 1), modality_decoder = nn.Conv2d(8, 3, 1),
+                           train_modality_encoders = True, transformer = dict(dim = 32, depth = 1))
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr = 0.1)
+    model([[torch.randint(0, 8, (3,)), randn(3, 2, 2)]]).backward()
+    optimizer.step()
+    save_training_state(tmp_path, model, optimizer, step = 1)
+    resumed = build()
+    assert not torch.equal(resumed.modalities.encoders[0].weight, model.modalities.encoders[0].weight)
+    load_training_state(tmp_path, resumed, torch.optim.AdamW(resumed.parameters(), lr = 0.1))
+    assert torch.equal(resumed.modalities.encoders[0].weight, model.modalities.encoders[0].weight)
+
+
+def test_a_state_without_ema_or_scheduler_is_refused_before_anything_changes(tmp_path):
+    run = training_run(make_model())
+    train(run, 0, 1)
+    save_training_state(tmp_path, run.model, run.optimizer, step = 1)
+    other = training_run(make_model())
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    optimizer_before = other.optimizer.state_dict()
+    with pytest.raises(ValueError, match = 'the training state was saved without an EMA'):
+        load_training_state(tmp_path, other.model, other.optimizer, ema = other.ema)
+    with pytest.raises(ValueError, match = 'the training state was saved without a scheduler'):
+        load_training_state(tmp_path, other.model, other.optimizer, scheduler = torch.optim.lr_scheduler.LinearLR(other.optimizer))
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+    assert other.optimizer.state_dict()['state'] == optimizer_before['state']
+
+
+def test_weights_and_a_training_state_share_a_directory(tmp_path):
+    """Each save prunes payloads no manifest names, counting both kinds of manifest: saving one
+    kind again keeps the other loadable."""
+    run = training_run(make_model())
+    run.model.save_pretrained(tmp_path)
+    save_training_state(tmp_path, run.model, run.optimizer, step = 0)
+    train(run, 0, 1)
+    run.model.save_pretrained(tmp_path)
+    save_training_state(tmp_path, run.model, run.optimizer, step = 1)
+    assert_same_state(Transfusion.from_pretrained(tmp_path), run.model)
+    resumed = training_run(make_model())
+    assert load_training_state(tmp_path, resumed.model, resumed.optimizer).step == 1
+    assert_same_state(resumed.model, run.model)
+    assert len(list(tmp_path.glob('*.pt'))) == 2
