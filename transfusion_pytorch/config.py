@@ -305,6 +305,14 @@ def _as_shape(value: Any, name: str) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _check_model_options(options: dict) -> None:
+    """TransfusionConfig fields passed as keywords, except modalities: the per-modality keywords build it."""
+    _require('modalities' not in options, 'modalities is built from dim_latent and the per-modality keywords; '
+             'for a ready TransfusionConfig use Transfusion.from_config(config)')
+    unknown = set(options) - {f.name for f in fields(TransfusionConfig)}
+    _require(not unknown, f'unknown Transfusion options {sorted(unknown)}')
+
+
 def build_config(
     num_text_tokens: int,
     transformer: dict | TransformerConfig,
@@ -360,10 +368,7 @@ def build_config(
                        downsample = f, unet_dim = u)
         for d, s, c, t, w, f, u in zip(dims, shapes, channel_first, shape_tokens, loss_weights, downsample, unet_dims)
     )
-    unknown = set(model_options) - {f.name for f in fields(TransfusionConfig)}
-    _require(not unknown, f'unknown Transfusion options {sorted(unknown)}')
-    _require('modalities' not in model_options, 'modalities is built from dim_latent and the per-modality keywords; '
-             'for a ready TransfusionConfig use Transfusion.from_config(config)')
+    _check_model_options(model_options)
     if model_options.get('modality_experts'):
         transformer = replace(transformer, experts = 1 + count)
     return TransfusionConfig(num_text_tokens = num_text_tokens, transformer = transformer, modalities = modalities, **model_options)
