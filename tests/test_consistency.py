@@ -150,3 +150,24 @@ def test_the_batch_is_encoded_once_for_both_evaluations():
     model = tiny_model(dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2), modality_encoder = Counting(3, 8, 1))
     loss = consistency_flow_loss(model, make_ema(model), randn(2, 3, 2, 2))
     assert calls == [False] and torch.isfinite(loss)
+
+
+def test_consistency_loss_weighs_modalities_by_their_loss_weight():
+    """Per-modality parts are averaged with the modalities' loss weights, as the flow loss is:
+    with weights (1, 3), loss = (L0 + 3 L1) / 4. A head that outputs a constant velocity c_m
+    (zero weights, random bias) makes each part L_m a closed form of noise, data, times and c_m."""
+    delta = 0.1
+    model = tiny_model(modality_loss_weight = (1., 3.))
+    with torch.no_grad():
+        for projection in model.modalities.projections:
+            projection.proj_out.weight.zero_()
+            projection.proj_out.bias.normal_()
+    shapes = [(0, (2, 3, 8)), (1, (4, 4))]
+    noise = [randn(s) for _, s in shapes]
+    data = [randn(s) for _, s in shapes]
+    times = torch.tensor([0.2, 0.5])
+    batch = [[torch.randint(0, 16, (3,)), data[0], (1, data[1])]]
+    loss = consistency_flow_loss(model, model, batch, delta = delta, alpha = 0., times = times, noise = noise)
+    parts = [(((t + delta) - t) * (x1 - n) - delta * c.proj_out.bias).pow(2).mean()     # f_s - f_e = -delta d + delta c
+             for n, x1, t, c in zip(noise, data, times, model.modalities.projections)]
+    torch.testing.assert_close(loss, (parts[0] + 3 * parts[1]) / 4, rtol = 1e-4, atol = 1e-7)

@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import randn
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.text_generation import choose_tokens, min_p_keep
@@ -222,3 +223,49 @@ def test_text_only_loss_is_next_token_ce():
     ids = torch.randint(0, 32, (3, 9))
     expected = F.cross_entropy(model.text_logits(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(model(ids), expected)
+
+
+def test_min_p_one_keeps_exactly_the_most_likely_tokens_ties_included():
+    """min_p = 1 is allowed and keeps the tokens whose probability equals the maximum: sampling
+    is then greedy (a strict '>' kept none, and every draw fell back to token 0)."""
+    logits = randn(6, 20) * 3
+    logits[0, 3] = logits[0, 7] = logits[0].max() + 1.          # a tie at the top
+    keep = min_p_keep(logits, 1.)
+    expected = logits == logits.amax(dim = -1, keepdim = True)
+    assert torch.equal(keep, expected)
+    for _ in range(20):
+        draws = choose_tokens(logits, temperature = 1.5, min_p = 1.)
+        assert expected.gather(1, draws[:, None]).all()
+        assert torch.equal(draws[1:], logits[1:].argmax(-1))
+
+
+def test_min_p_is_taken_among_the_allowed_tokens():
+    """The grammar mask comes first: min-p is relative to the most likely ALLOWED token. With a
+    forbidden token far above the rest, min-p against it would remove every allowed token."""
+    logits = torch.tensor([[12., 1., 0.5, -3., 0.9]]).expand(400, -1)
+    allowed = torch.tensor([False, True, True, True, True])
+    draws = choose_tokens(logits, temperature = 1., min_p = 0.1, allowed = allowed)
+    kept = min_p_keep(logits[:1].masked_fill(~allowed, float('-inf')), 0.1)[0]
+    assert kept.tolist() == [False, True, True, False, True]
+    assert set(draws.tolist()) == {1, 2, 4}
+
+
+def test_generate_text_only_with_min_p_one_is_greedy():
+    """min_p = 1 (allowed, documented as the range's end) keeps only the most likely token."""
+    model = text_model()
+    prompt = torch.randint(0, 32, (2, 3))
+    greedy = model.generate_text_only(prompt, 12, temperature = 0.)
+    for cache_kv in (True, False):
+        assert torch.equal(model.generate_text_only(prompt, 12, temperature = 1.3, min_p = 1., cache_kv = cache_kv), greedy)
+
+
+def test_kept_text_decoder_follows_the_model_dtype():
+    """The decoder (and its cache) is kept per model; after model.to(bf16) the next call must use
+    a bf16 cache, giving what a fresh bf16 copy of the model gives."""
+    import copy
+    model = text_model()
+    prompt = torch.randint(0, 32, (2, 3))
+    model.generate_text_only(prompt, 10, temperature = 0.)
+    fresh = copy.deepcopy(model).to(torch.bfloat16)
+    model.to(torch.bfloat16)
+    assert torch.equal(model.generate_text_only(prompt, 10, temperature = 0.), fresh.generate_text_only(prompt, 10, temperature = 0.))
