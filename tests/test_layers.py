@@ -1,5 +1,6 @@
 """Layers against their formulas written out by hand: rotary (1-D and axial), attention with qk
-norm and value residual, a block's adaptive modulation, skip merges, the latent U-Net."""
+norm and value residual, a block's adaptive modulation, skip merges, the latent U-Net, the
+time embedding and adaptive conditioning."""
 import math
 
 import torch
@@ -137,3 +138,55 @@ def test_unet_skip_reaches_the_output_at_its_own_position():
     changed[0, 17] += 1.
     difference = (unet.decode(tokens, changed, shape) - unet.decode(tokens, skip, shape)).abs().sum(-1)[0]
     assert difference.nonzero().flatten().tolist() == [17]
+
+
+@torch.no_grad()
+def test_time_embedding_features_are_sin_then_cos_of_1000_t_times_geometric_frequencies():
+    """The MLP sees [sin(1000 t f_i), cos(1000 t f_i)], f_i = 10000^(-i/F), i < F (F = 128)."""
+    from transfusion_pytorch.modality import TimeEmbedding
+    embedding = TimeEmbedding(16)
+    seen = []
+    embedding.mlp[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    times = torch.tensor([0., 0.3, 1.])
+    embedding(times)
+    frequencies = 10_000. ** (-torch.arange(128).double() / 128)
+    angles = 1000. * times.double()[:, None] * frequencies
+    torch.testing.assert_close(seen[0].double(), torch.cat((angles.sin(), angles.cos()), dim = -1), atol = 1e-4, rtol = 1e-4)
+
+
+@torch.no_grad()
+def test_adaptive_conditioning_scatters_each_instances_parameters_and_zeros_to_text():
+    """Block l's modulation for a token of instance i is the l-th slice of proj(silu(emb_i)),
+    split into (attn_scale, attn_shift, attn_gate, ff_scale, ff_shift, ff_gate); -1 gets zeros."""
+    from transfusion_pytorch.modality import AdaptiveConditioning
+    dim, depth = 4, 2
+    adaptive = AdaptiveConditioning(dim, depth)
+    torch.nn.init.normal_(adaptive.proj.weight)
+    torch.nn.init.normal_(adaptive.proj.bias)
+    embedding = randn(3, dim)
+    token_instance = torch.tensor([[-1, 0, 2, 0, 1, -1]])
+    blocks = adaptive.per_block(embedding, token_instance)
+    params = adaptive.proj(F.silu(embedding)).reshape(3, depth, 6, dim)
+    names = ('attn_scale', 'attn_shift', 'attn_gate', 'ff_scale', 'ff_shift', 'ff_gate')
+    for layer, modulation in enumerate(blocks):
+        for j, name in enumerate(names):
+            value = getattr(modulation, name)[0]
+            for n, i in enumerate(token_instance[0].tolist()):
+                torch.testing.assert_close(value[n], params[i, layer, j] if i >= 0 else torch.zeros(dim))
+
+
+@torch.no_grad()
+def test_time_embedding_is_added_to_the_tokens_of_a_downsampled_modality():
+    """With a U-Net (modality_downsample) the time embedding is still added to every latent
+    token, in the packed path (embed_group) and the decoding path (embed)."""
+    from transfusion_pytorch import Transfusion
+    model = Transfusion(num_text_tokens = 16, dim_latent = 4, modality_default_shape = (4, 6), modality_downsample = 2,
+                        transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16))
+    modalities = model.modalities
+    inputs, shapes = randn(2 * 24, 4), [(4, 6), (4, 6)]
+    token_time = randn(2 * 6, 32)
+    difference = modalities.embed_group(0, inputs, shapes, token_time) - modalities.embed_group(0, inputs, shapes, 0.)
+    torch.testing.assert_close(difference, token_time)
+    batched = inputs.reshape(2, 24, 4)
+    difference = modalities.embed(0, batched, (4, 6), token_time.reshape(2, 6, 32)) - modalities.embed(0, batched, (4, 6), 0.)
+    torch.testing.assert_close(difference, token_time.reshape(2, 6, 32))

@@ -202,3 +202,32 @@ def test_compiled_cpu_projections_add_the_bias_apart_with_eager_values(experts):
         torch.compile(project, backend = record, fullgraph = True)(x)
     linears = [node for node in graphs[-1].nodes if node.target is torch._C._nn.linear]
     assert linears and all(len(node.args) == 3 or node.kwargs.get('bias') is not None for node in linears)
+
+
+def test_packed_axial_positions_of_every_instance():
+    """Axial positions in a packed batch: text-like tokens (p, p, p); the latents of every
+    instance (the first, instance 0, included) (o, o + c_1, o + c_2), o the position of the
+    instance's first latent in its sample, c raster-order grid coordinates with missing trailing
+    axes 0 (the 1-axis modality's coordinate is c_1)."""
+    import itertools
+    from transfusion_pytorch.token_layout import packed_coordinates, packed_positions
+    model = tiny_model(axial_rotary = True)
+    batch = [[torch.randint(0, 16, (3,)), randn(2, 3, 8), torch.randint(0, 16, (2,)), (1, randn(3, 4))], [(1, randn(2, 4))]]
+    packed = model.pack(batch)
+    shapes = [(2, 3), (3, 1), (2, 1)]                            # instance grids, missing axes as 1
+    expected = []
+    for n, (p, i) in enumerate(zip(packed.positions.tolist(), packed.instance.tolist())):
+        if i < 0:
+            expected.append([p] * 3)
+            continue
+        start = packed.instance_starts[i]
+        o = packed.positions[start].item()
+        c = list(itertools.product(*(range(a) for a in shapes[i])))[n - start]
+        expected.append([o, o + c[0], o + c[1]])
+    positions = packed_positions(model.config, packed, packed_coordinates(model.config, packed))
+    assert positions.tolist() == expected
+
+
+def test_grid_coordinates_are_raster_order_with_missing_trailing_axes_zero():
+    assert grid_coordinates((2, 3), 2).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert grid_coordinates((3,), 3).tolist() == [[0, 0, 0], [1, 0, 0], [2, 0, 0]]
