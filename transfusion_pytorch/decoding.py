@@ -43,9 +43,10 @@ COMPILED_STEP_DEVICES = {'cpu'}
 
 
 # A cached step attends over the slots its rows have filled, rounded up to a multiple of this,
-# not over all max_length slots: with the whole cache, every text token cost time in proportion
-# to max_length (sample_many, 8 rows, CPU benchmark size: 2.4 s at max_length 384, 27 s at
-# 1536). Rounding keeps the number of distinct shapes the compiled blocks see small.
+# not over all max_length slots, where every text token cost time in proportion to max_length.
+# With the compaction of finished rows: benchmarks/sample_many.py (8 rows, 2 CPU cores) 2.8 ->
+# 1.4 s per call at max_length 384, 23.1 -> 8.5 s at 1536. Rounding keeps the number of
+# distinct shapes the compiled blocks see small.
 VISIBLE_SLOTS_MULTIPLE = 64
 
 
