@@ -168,3 +168,22 @@ def test_graphed_function_runs_other_shapes_and_dtypes_eagerly():
     result = graphed(doubles, t)                           # copied into the buffer it would be cast to fp32
     assert result.dtype == torch.float64
     torch.testing.assert_close(result, (doubles * scale).cumsum(0) * t)
+
+
+def test_autocast_weight_copies_keep_their_cuda_graph_and_follow_the_weights(recwarn):
+    """Under autocast the CUDA-graph text step reads the decoder's kept weight copies at fixed
+    addresses; refreshed each call, a weight change shows in the next call without re-capture
+    (the same tokens as a decoder built afresh)."""
+    model = model_on_cuda().eval()
+    prompt = randint(0, 32, (2, 3)).cuda()
+    run = lambda: model.generate_text_only(prompt, 40, temperature = 0., compile_step = True)
+    with torch.autocast('cuda', dtype = torch.bfloat16):
+        before = run()
+        with torch.no_grad():
+            for parameter in model.transformer.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+        kept = run()
+        model.__dict__.pop('_text_decoders')
+        fresh = run()
+    assert torch.equal(kept, fresh) and not torch.equal(before, kept)
+    assert not [w for w in recwarn if 're-record' in str(w.message).lower()]

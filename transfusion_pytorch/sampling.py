@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import flow
+from .autocast_weights import weights_cast_once
 from .batch import TextItem, to_items
 from .decoding import CachedRunner, UncachedRunner
 from .modes import eval_mode
@@ -357,7 +358,8 @@ def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = 
     forced = forced_start(model, force_modality_at_start)
     user_prompts = [_normalize_prompt(p) for p in prompts]
     generators = _generators(seed, len(user_prompts), model.device)
-    with eval_mode(model):    # from encoding the prompts on: a trainable encoder must not run in train mode
+    # from encoding the prompts on: a trainable encoder must not run in train mode
+    with eval_mode(model), weights_cast_once(model):
         items = model_items(model, user_prompts)
         rows = [Row(index = i, output = [_echo(x, model.device) for x in p], generator = g, stop_after_modality = stop_after_modality)
                 for i, (p, g) in enumerate(zip(user_prompts, generators))]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .autocast_weights import weights_cast_once
 from .kv_cache import KVCache
 from .masks import AttentionMask
 
@@ -75,6 +76,7 @@ class TextDecoder:
         self.position = torch.zeros(1, dtype = torch.long, device = model.device)
         self.step = self._step
         self.compiled = compile_step
+        self.cast_weights: dict = {}   # autocast-dtype weight copies, at fixed addresses for the CUDA graph
         if compile_step:
             for tensor in [*self.cache.tensors(), self.last_token, self.position]:
                 torch._dynamo.mark_static_address(tensor)
@@ -189,10 +191,12 @@ def generate_text_only(
     out = torch.empty((b, seq_len), dtype = torch.long, device = model.device)
     out[:, :p] = prompt
     if not cache_kv:
-        for index in range(p, seq_len):
-            out[:, index] = choose_tokens(model.text_logits(out[:, :index])[:, -1, :text_count], temperature, min_p)
+        with weights_cast_once(model):
+            for index in range(p, seq_len):
+                out[:, index] = choose_tokens(model.text_logits(out[:, :index])[:, -1, :text_count], temperature, min_p)
         return out[:, p:]
     decoder = text_decoder(model, b, seq_len, compile_step)
-    out[:, p:p + 1] = decoder.prefill(prompt, temperature, min_p)
-    decoder.decode_into(out, p + 1, temperature, min_p)
+    with weights_cast_once(model, decoder.cast_weights):
+        out[:, p:p + 1] = decoder.prefill(prompt, temperature, min_p)
+        decoder.decode_into(out, p + 1, temperature, min_p)
     return out[:, p:]

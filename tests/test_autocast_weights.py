@@ -1,0 +1,108 @@
+"""Sampling under autocast casts the linear weights once per call: the same samples as casting
+at every step, the parameters handed back untouched, no stale copies after the weights change."""
+import pytest
+import torch
+from torch import nn, randint, randn
+
+from transfusion_pytorch import autocast_weights
+
+from conftest import tiny_model
+from test_sampling import assert_samples_equal
+
+QUIET = dict(show_progress = False)
+BF16 = dict(device_type = 'cpu', dtype = torch.bfloat16)
+
+
+def randomized(model):
+    """Every weight non-zero (zero-initialised output projections would hide wrong velocities)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std = 0.2)
+    return model
+
+
+def without_casting_once(monkeypatch):
+    monkeypatch.setattr(autocast_weights, 'autocast_dtype', lambda model: None)
+
+
+def record_weight_dtypes(layer: nn.Module) -> list:
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append((module.weight.dtype, type(module.weight))))
+    return seen
+
+
+@pytest.mark.parametrize('compile_blocks', [False, True])
+def test_samples_equal_casting_at_every_step(monkeypatch, compile_blocks):
+    model = randomized(tiny_model(transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, compile_blocks = compile_blocks)))
+    prompts = [None, randint(0, 16, (3,)), [randint(0, 16, (2,)), (1, randn(3, 4))]]
+    kwargs = dict(max_length = 40, modality_steps = 3, text_temperature = 1., cfg_scale = 2., seed = [1, 2, 3], **QUIET)
+    seen = record_weight_dtypes(model.to_logits)   # outside the compiled blocks: hooks run eagerly
+    with torch.autocast(**BF16):
+        cast_once = model.sample_many(prompts, **kwargs)
+    assert seen and all(dtype == torch.bfloat16 for dtype, _ in seen)   # the copies were in place
+    with monkeypatch.context() as patch:
+        without_casting_once(patch)
+        seen.clear()
+        with torch.autocast(**BF16):
+            every_step = model.sample_many(prompts, **kwargs)
+        assert seen and all(dtype == torch.float32 for dtype, _ in seen)
+    for a, b in zip(cast_once, every_step):
+        assert_samples_equal(a, b, atol = 0)
+
+
+@pytest.mark.parametrize('cache_kv, compile_step', [(False, False), (True, False), (True, True)])
+def test_text_generation_equals_casting_at_every_step(monkeypatch, cache_kv, compile_step):
+    model = randomized(tiny_model())
+    prompt = randint(0, 16, (2, 3))
+    run = lambda: model.generate_text_only(prompt, 20, temperature = 0., cache_kv = cache_kv, compile_step = compile_step)
+    with torch.autocast(**BF16):
+        cast_once = run()
+    without_casting_once(monkeypatch)
+    model.__dict__.pop('_text_decoders', None)
+    with torch.autocast(**BF16):
+        every_step = run()
+    assert torch.equal(cast_once, every_step)
+
+
+def test_parameters_handed_back_also_after_an_error():
+    model = randomized(tiny_model())
+    before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    with torch.autocast(**BF16):
+        model.sample(randint(0, 16, (3,)), max_length = 12, modality_steps = 2, **QUIET)
+        with pytest.raises(ValueError, match = 'sample 1'):   # raised after the swap, checking the prompts
+            model.sample_many([randint(0, 16, (3,)), torch.tensor([99])], max_length = 12, **QUIET)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for name, (parameter, value) in before.items():
+        assert after[name] is parameter and parameter.dtype == torch.float32 and parameter.requires_grad
+        assert torch.equal(parameter, value), name
+
+
+def test_kept_copies_follow_changed_weights():
+    """The text decoder keeps its copies between calls: they must be refreshed, not reused."""
+    model = randomized(tiny_model())
+    prompt = randint(0, 16, (1, 2))
+    with torch.autocast(**BF16):
+        first = model.generate_text_only(prompt, 24, temperature = 0.)
+        with torch.no_grad():
+            for parameter in model.transformer.parameters():
+                parameter.normal_(std = 0.2)
+        changed = model.generate_text_only(prompt, 24, temperature = 0.)
+        model.__dict__.pop('_text_decoders')
+        fresh = model.generate_text_only(prompt, 24, temperature = 0.)
+    assert torch.equal(changed, fresh) and not torch.equal(changed, first)
+
+
+def test_user_coders_and_training_keep_fp32_weights():
+    decoder = nn.Linear(8, 8)
+    model = randomized(tiny_model(dim_latent = 8, modality_default_shape = (2,), modality_decoder = decoder))
+    seen_decoder = record_weight_dtypes(decoder)
+    seen_logits = record_weight_dtypes(model.to_logits)
+    with torch.autocast(**BF16):
+        model.generate_modality_only(modality_steps = 2)
+        assert [d for d, _ in seen_logits] and all(d == torch.bfloat16 for d, _ in seen_logits)
+        assert seen_decoder and all(d == torch.float32 for d, _ in seen_decoder)
+        seen_logits.clear()
+        model([[randint(0, 16, (3,)), randn(2, 8)]]).backward()   # training: gradients reach the fp32 weights
+    assert seen_logits and all(d == torch.float32 and t is nn.Parameter for d, t in seen_logits)
+    assert model.to_logits.weight.grad is not None and model.to_logits.weight.grad.abs().sum() > 0
