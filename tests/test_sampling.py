@@ -331,3 +331,54 @@ def test_the_ode_runs_in_fp32_for_a_bf16_model(monkeypatch):
     monkeypatch.setattr(flow, 'integrate', lambda field, noise, *a, **k: (dtypes.append(noise.dtype), integrate(field, noise, *a, **k))[1])
     tiny_model().to(torch.bfloat16).generate_modality_only(modality_steps = 2)
     assert dtypes == [torch.float32]
+
+
+def _reachable_shapes(num_axes, max_value: int, budget: int) -> set:
+    """Every shape that decoding restricted to `allowed` can produce within `budget` tokens after
+    the begin token; asserts that each is written as training writes it and that no reachable
+    state is a dead end (no allowed token)."""
+    import copy
+    shapes, stack = set(), [(ShapeDecoder(Vocabulary(16, 1), num_axes, max_value), [])]
+    while stack:
+        decoder, written = stack.pop()
+        options = decoder.allowed(budget - len(written))
+        assert options or not written, (num_axes, max_value, budget, written)   # only the first step may find none
+        for token in options:
+            child = copy.deepcopy(decoder)
+            child.push(token)
+            if child.done:
+                assert written + [token] == decoder.vocab.shape_ids(child.shape)   # canonical: no leading zeros, no empty axis
+                assert len(written) + 1 + math.prod(child.shape) + 1 <= budget   # shape tokens, latents, end
+                shapes.add(child.shape)
+            else:
+                stack.append((child, written + [token]))
+    return shapes
+
+
+def _shapes_that_fit(vocab, axis_counts, max_value: int, budget: int) -> set:
+    """Brute force: positive axes up to max_value, one of the axis counts, shape tokens + latents +
+    end within budget. Adding an axis never shortens an instance, so longer prefixes are cut."""
+    fits = lambda shape: len(vocab.shape_ids(shape)) + math.prod(shape) + 1 <= budget
+    shapes, prefixes = set(), [()]
+    while prefixes:
+        prefix = prefixes.pop()
+        if len(prefix) in axis_counts and fits(prefix):
+            shapes.add(prefix)
+        if len(prefix) < max(axis_counts):
+            prefixes += [prefix + (v,) for v in range(1, max_value + 1) if fits(prefix + (v,))]
+    return shapes
+
+
+@pytest.mark.parametrize('num_axes', [None, 0, 1, 2, 3])
+@pytest.mark.parametrize('max_value', [1, 3, 12])
+def test_shape_grammar_reaches_exactly_the_shapes_that_fit(num_axes, max_value):
+    """Decoding under the constraint yields exactly the shapes a brute-force enumeration accepts:
+    positive axes up to max_value, the given number of axes (any up to MAX_AXES when None), and
+    shape tokens + latents + end within the budget; the begin token is offered exactly when one fits."""
+    from transfusion_pytorch.tokens import MAX_AXES, min_instance_length
+    vocab = Vocabulary(16, 1)
+    axis_counts = range(MAX_AXES + 1) if num_axes is None else [num_axes]
+    for budget in range(0, 16):
+        expected = _shapes_that_fit(vocab, axis_counts, max_value, budget)
+        assert _reachable_shapes(num_axes, max_value, budget) == expected, budget
+        assert bool(expected) == (min_instance_length(num_axes, True, None) - 1 <= budget), budget
