@@ -269,3 +269,21 @@ def test_kept_text_decoder_follows_the_model_dtype():
     fresh = copy.deepcopy(model).to(torch.bfloat16)
     model.to(torch.bfloat16)
     assert torch.equal(model.generate_text_only(prompt, 10, temperature = 0.), fresh.generate_text_only(prompt, 10, temperature = 0.))
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_kept_decoder_serves_calls_in_and_out_of_inference_mode(autocast):
+    """A decoder (cache, and under autocast its weight copies) first built under
+    torch.inference_mode is written in place by later calls outside it, and the other way round."""
+    model = text_model()
+    prompt = torch.randint(0, 32, (1, 3))
+    run = lambda: model.generate_text_only(prompt, 12, temperature = 0.)
+    with torch.autocast('cpu', dtype = torch.bfloat16, enabled = autocast):
+        with torch.inference_mode():
+            first = run()
+        second = run()
+        model.__dict__.pop('_text_decoders')
+        third = run()
+        with torch.inference_mode():
+            fourth = run()
+    assert torch.equal(first, second) and torch.equal(second, third) and torch.equal(third, fourth)

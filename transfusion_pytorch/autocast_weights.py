@@ -56,12 +56,13 @@ class AutocastWeights:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.dtype = dtype
-        self.slots: list[tuple[nn.Module, str, nn.Parameter]] = [
-            (layer, name, nn.Parameter(torch.empty_like(param, dtype = dtype), requires_grad = False))
-            for layer in own_linears(model)
-            for name, param in layer._parameters.items()
-            if param is not None and param.dtype == torch.float32 and type(param.data) is Tensor
-        ]
+        with torch.inference_mode(False):   # kept copies are refreshed in place, also outside inference mode
+            self.slots: list[tuple[nn.Module, str, nn.Parameter]] = [
+                (layer, name, nn.Parameter(torch.empty_like(param, dtype = dtype), requires_grad = False))
+                for layer in own_linears(model)
+                for name, param in layer._parameters.items()
+                if param is not None and param.dtype == torch.float32 and type(param.data) is Tensor
+            ]
 
     @contextmanager
     def swapped(self):

@@ -160,7 +160,8 @@ def text_decoder(model, batch: int, slots: int, compile_step: bool) -> TextDecod
     decoders = model.__dict__.setdefault('_text_decoders', {})
     if key not in decoders:
         decoders.clear()  # one cache alive at a time: they can be large
-        decoders[key] = TextDecoder(model, batch, slots, compile_step = compile_step)
+        with torch.inference_mode(False):   # kept buffers must stay writable outside inference mode
+            decoders[key] = TextDecoder(model, batch, slots, compile_step = compile_step)
     return decoders[key]
 
 
