@@ -4,8 +4,9 @@
    evaluation replayed from a CUDA graph, eagerly, and replayed from a CUDA graph of the compiled
    blocks (decoding.COMPILED_STEP_DEVICES with 'cuda': fewer, fused kernels per evaluation): time,
    and the largest difference of each graphed output from the eager one for the same seed;
-2. one mixed training step with compiled blocks: median time, device time (sum of the kernels
-   the profiler saw), the host syncs it makes (CUDA sync debug mode), the top host and device ops;
+2. one mixed training step with compiled blocks: median time, the host's time to issue it,
+   device time (sum of the kernels the profiler saw), the host syncs it makes (CUDA sync debug
+   mode), the top host and device ops;
 3. the same step launched with less host work, since the H100 profile showed a host-bound step
    (48 ms a step, 35.9 ms of kernels): the blocks' kernels replayed as CUDA graphs
    (compile_options {'triton.cudagraphs': True}), and launched from a C++ wrapper
@@ -53,6 +54,19 @@ def timed(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
+def host_time(fn, repeats):
+    """Median seconds the host takes to issue fn from an idle GPU, not waiting for it at the end:
+    close to the step's wall time, the step is host-bound (the GPU waits for launches)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
 def modality_generation():
     """Eager blocks with and without CUDA graphs, then compiled blocks inside the graphs."""
     model = Transfusion(**SHAPE, transformer = dict(TRANSFORMER, compile_blocks = True)).cuda().eval()
@@ -96,7 +110,8 @@ def mixed_step(**transformer_options):
     tokens = sum(x.shape[0] for sample in batch for x in sample)
     median = timed(step, 7)
     print(f'mixed step {transformer_options}: warm-up (compile) {time.perf_counter() - start:.1f} s, '
-          f'median {median * 1e3:.1f} ms = {tokens / median / 1e3:.1f}k tokens/s', flush = True)
+          f'median {median * 1e3:.1f} ms = {tokens / median / 1e3:.1f}k tokens/s; '
+          f'host {host_time(step, 7) * 1e3:.1f} ms to issue it', flush = True)
     return step
 
 
