@@ -40,9 +40,8 @@ def own_linears(model: nn.Module) -> Iterator[nn.Linear]:
     return (m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in coders)
 
 
-def _castable(param: Tensor | None, copy: Tensor) -> bool:
-    return (param is not None and type(param.data) is Tensor and param.dtype == torch.float32
-            and param.shape == copy.shape and param.device == copy.device)
+def _plain_fp32(param: Tensor | None) -> bool:
+    return param is not None and type(param.data) is Tensor and param.dtype == torch.float32
 
 
 class AutocastWeights:
@@ -61,7 +60,7 @@ class AutocastWeights:
                 (layer, name, nn.Parameter(torch.empty_like(param, dtype = dtype), requires_grad = False))
                 for layer in own_linears(model)
                 for name, param in layer._parameters.items()
-                if param is not None and param.dtype == torch.float32 and type(param.data) is Tensor
+                if _plain_fp32(param)
             ]
 
     @contextmanager
@@ -73,7 +72,7 @@ class AutocastWeights:
             with torch.no_grad():
                 for layer, name, copy in self.slots:
                     param = layer._parameters.get(name)
-                    if _castable(param, copy):
+                    if _plain_fp32(param) and param.shape == copy.shape and param.device == copy.device:
                         copy.copy_(param)
                         originals.append((layer, name, param))
                         layer._parameters[name] = copy   # direct: nn.Module's setattr checks types
