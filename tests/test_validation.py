@@ -223,3 +223,65 @@ def test_sampling_runs_a_trainable_encoder_in_eval_mode():
     with pytest.raises(ValueError, match = 'leaves no room'):
         model.sample([randn(3, 2, 2)], max_length = 9, show_progress = False)
     assert torch.equal(model.modalities.encoders[0].seen, torch.zeros(3)) and model.training
+
+
+@pytest.mark.parametrize('batch, error, message', [
+    ([[(torch.tensor(1.), randn(3, 4))]], TypeError, r'sample 0, item 0: modality index must be an int, got Tensor'),
+    ([[(True, randn(3, 4))]], TypeError, r'sample 0, item 0: modality index must be an int, got bool'),
+    ([(torch.tensor(True), randn(3, 4))], TypeError, r'sample 0, item 0'),
+    ([[(torch.tensor(True), randn(3, 4))]], TypeError, r'sample 0, item 0: modality index must be an int, got Tensor'),
+    ([[(torch.tensor(1), randn(3, 4))]], None, None),
+    ([[randint(0, 16, (2,)), (-1, randn(3, 4))]], ValueError, r'sample 0, item 1: unknown modality index -1'),
+    ([[torch.zeros(0, dtype = torch.long), torch.zeros(0, dtype = torch.long)]], ValueError, r'sample 0: the sample is empty'),
+    ([[randint(0, 16, (2,)), randn(2, 3, 8).fill_(float('-inf'))]], ValueError, r'sample 0, item 1: modality latent contains NaN or inf'),
+])
+def test_modality_indices_that_are_not_ints_and_hidden_empties_are_refused(batch, error, message):
+    """A modality index is an int in range: not a float tensor, a bool, or a bare pair whose
+    bool index would read as 1; a sample of empty text is empty; -inf is not a finite latent.
+    A 0-d integer tensor is an index."""
+    if error is None:
+        assert tiny_model().pack(batch).instance_modality == [1]
+        return
+    with pytest.raises(error, match = message):
+        tiny_model()(batch)
+
+
+def test_channel_first_latents_must_lead_with_dim_latent():
+    model = Transfusion(num_text_tokens = 8, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                        transformer = dict(dim = 32, depth = 1))
+    model([[randn(8, 2, 2)]])
+    with pytest.raises(ValueError, match = r'sample 0, item 0: modality 0 expects channel-first latents \(dim_latent=8, \*axes\), got shape \(2, 2, 8\)'):
+        model([[randn(2, 2, 8)]])
+
+
+def test_an_axis_of_exactly_max_shape_value_is_accepted():
+    """max_shape_value is the largest axis the shape tokens may encode: equal passes, one more is refused."""
+    model = tiny_model(max_shape_value = 9)
+    model([[(1, randn(9, 4))]])
+    with pytest.raises(ValueError, match = r'sample 0, item 0: modality 1 axis lengths \(10,\) exceed max_shape_value=9'):
+        model([[(1, randn(10, 4))]])
+
+
+def test_empty_text_items_change_nothing():
+    """Empty text tensors contribute no token: a batch packs and scores exactly as without them,
+    and an instance followed only by empty text is not followed by text (no noise limiting)."""
+    model = tiny_model(noise_limit_before_text = True)
+    empty = torch.zeros(0, dtype = torch.long)
+    text, image, audio = randint(0, 16, (3,)), randn(2, 3, 8), randn(3, 4)
+    with_empty, without = [[empty, text, image, empty], [(1, audio), empty]], [[text, image], [(1, audio)]]
+    a, b = model.pack(with_empty), model.pack(without)
+    for field in ('token_ids', 'positions', 'document', 'instance', 'loss_index', 'loss_targets', 'instance_followed_by_text'):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert not a.instance_followed_by_text.any()
+    draws = dict(times = torch.tensor([.3, .6]), noise = [randn(2, 3, 8), randn(3, 4)])
+    torch.testing.assert_close(model(with_empty, **draws), model(without, **draws))
+
+
+def test_a_sample_may_be_a_single_bare_item():
+    """A sample that is one item (text, a modality tensor, or a pair) packs as the list of that item."""
+    model = tiny_model()
+    text, image, audio = randint(0, 16, (5,)), randn(2, 3, 8), randn(3, 4)
+    bare, listed = model.pack([text, image, (1, audio)]), model.pack([[text], [image], [(1, audio)]])
+    for field in ('token_ids', 'positions', 'document', 'instance', 'loss_index', 'loss_targets'):
+        assert torch.equal(getattr(bare, field), getattr(listed, field)), field
+    assert bare.instance_modality == [0, 1] and bare.instance_shape == [(2, 3), (3,)]

@@ -63,8 +63,8 @@ def _parse_item(item, sample: int, index: int, num_modalities: int) -> tuple[str
         if len(item) != 2:
             raise TypeError(f'{where}: a modality item must be a (modality_index, tensor) pair, got a tuple of length {len(item)}')
         modality, data = item
-        if torch.is_tensor(modality) and modality.ndim == 0 and not modality.is_floating_point():
-            modality = int(modality)
+        if torch.is_tensor(modality) and modality.ndim == 0 and not (modality.is_floating_point() or modality.is_complex() or modality.dtype == torch.bool):
+            modality = int(modality)   # a 0-d integer tensor; a bool one would read as modality 1
         if not isinstance(modality, int) or isinstance(modality, bool):
             raise TypeError(f'{where}: modality index must be an int, got {type(modality).__name__}')
         if num_modalities == 0:
