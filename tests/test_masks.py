@@ -190,3 +190,40 @@ def test_laser_on_flex_keeps_packed_samples_apart():
     high, low = [torch.randint(0, 8, (30,))], [torch.randint(8, 16, (30,))]
     together, alone = model.predict([high, low]).logits[1], model.predict([low]).logits[0]
     torch.testing.assert_close(together, alone, atol = 1e-4, rtol = 1e-4)
+
+
+def test_prefix_alibi_equals_the_rule_bias_rows():
+    """Decoding an instance of a 2x3 grid and its end token after a 4-token prefix, in a cache
+    of 12 slots, with two instances in the batch at different starts: the ALiBi bias of each
+    row is the whole-sequence rule's bias rows for those tokens (none for the prefix, the end
+    token or the empty slots)."""
+    from transfusion_pytorch.masks import alibi_slopes, instance_alibi
+    from transfusion_pytorch.token_layout import grid_coordinates
+    slopes, coords = alibi_slopes(2, 2), grid_coordinates((2, 3), 2)
+    bias = prefix_mask(torch.tensor([4, 2]), 7, 12, bidirectional_span = 6, instance_bias = instance_alibi(coords, slopes)).bias
+    for row, start in enumerate((4, 2)):
+        instance = torch.tensor([-1] * start + [0] * 6 + [-1])
+        full_coords = torch.zeros(start + 7, 2, dtype = torch.long)
+        full_coords[start:start + 6] = coords
+        rule = AttentionRule(torch.zeros(start + 7, dtype = torch.long), instance, coords = full_coords, alibi_slopes = slopes)
+        torch.testing.assert_close(bias[row], rule.dense_bias(kv_length = 12)[:, start:])
+
+
+def test_flex_padding_is_a_causal_document_of_its_own():
+    """A packed batch on the flex backend is padded to whole tiles; the pad tokens form their own
+    causal document (-1), so the BlockMask is the rule over the padded tokens, read literally,
+    and keeps no more tiles than flex's own create_block_mask of that rule."""
+    from conftest import mixed_batch, tiny_model
+    from transfusion_pytorch.token_layout import packed_transformer_inputs
+    model = tiny_model(transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, attention_backend = 'flex'))
+    packed = model.pack(mixed_batch() * 6)
+    _, mask, _, instance, pad = packed_transformer_inputs(model, packed, None, None)
+    n = packed.length
+    assert pad == -n % 128 > 0 and n > 2 * 128
+    document = torch.cat((packed.document, torch.full((pad,), -1)))
+    assert torch.equal(mask.document, document) and torch.equal(instance[:n], packed.instance) and (instance[n:] == -1).all()
+    expected = reference_rule(document.tolist(), instance.tolist(), [False] * (n + pad))
+    assert torch.equal(create_mask(mask.block.mask_mod, None, None, n + pad, n + pad, device = 'cpu')[0, 0], expected)
+    reference = create_block_mask(mask.block.mask_mod, None, None, n + pad, n + pad, device = 'cpu')
+    assert torch.equal(mask.block.kv_num_blocks, reference.kv_num_blocks)
+    assert torch.equal(mask.block.full_kv_num_blocks, reference.full_kv_num_blocks)

@@ -231,3 +231,127 @@ def test_packed_axial_positions_of_every_instance():
 def test_grid_coordinates_are_raster_order_with_missing_trailing_axes_zero():
     assert grid_coordinates((2, 3), 2).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     assert grid_coordinates((3,), 3).tolist() == [[0, 0, 0], [1, 0, 0], [2, 0, 0]]
+
+
+# the packed layout, read off the documented form token by token
+
+def reference_layout(vocab, batch):
+    """The packed layout of batch.py's docstring, written out one token at a time:
+    BOS text begin shape-tokens latents end text ... EOS per sample, samples back to back.
+    Items are (modality, latent) or text ids; latent slots hold 0. Returns per-token lists and
+    per-instance facts."""
+    LATENT = None
+    tokens, positions, document, instance, starts, followed, latents = [], [], [], [], [], [], {}
+    count = 0
+    for s, sample in enumerate(batch):
+        row = [(vocab.bos, -1)]
+        for j, item in enumerate(sample):
+            if not isinstance(item, tuple):
+                row += [(int(t), -1) for t in item]
+                continue
+            modality, latent = item
+            shape = tuple(latent.shape[:-1])
+            digits = []
+            for a, axis in enumerate(shape):
+                digits += ([vocab.axis_separator] if a else []) + [vocab.digits[int(c)] for c in str(axis)]
+            row += [(vocab.begin[modality], -1)] + [(t, -1) for t in digits + [vocab.shape_end]]
+            starts.append(len(tokens) + len(row))
+            row += [(LATENT, count)] * math.prod(shape) + [(vocab.end[modality], -1)]
+            followed.append(any(not isinstance(later, tuple) and later.numel() > 0 for later in sample[j + 1:]))
+            latents.setdefault(modality, []).append((count, latent))
+            count += 1
+        row.append((vocab.eos, -1))
+        tokens += [t for t, _ in row]
+        instance += [i for _, i in row]
+        positions += list(range(len(row)))
+        document += [s] * len(row)
+    return tokens, positions, document, instance, starts, followed, latents
+
+
+def test_packing_matches_the_documented_layout_token_by_token():
+    """Every per-token array of a packed batch against the layout written out by hand: positions
+    restart at 0 in every sample, instances are numbered in order across the batch, a modality
+    followed only by another modality or by empty text is not 'followed by text', and the text
+    loss predicts each text, begin, shape and EOS token from the token before it."""
+    model = tiny_model()
+    vocab = model.vocab
+    empty = torch.zeros(0, dtype = torch.long)
+    batch = [
+        [(1, randn(12, 4)), randint(0, 16, (3,)), (0, randn(2, 3, 8)), empty],
+        [randint(0, 16, (2,)), (0, randn(1, 2, 8)), (1, randn(3, 4)), randint(0, 16, (4,))],
+        [(0, randn(2, 2, 8)), empty, (1, randn(2, 4))],
+    ]
+    packed = model.pack(batch)
+    tokens, positions, document, instance, starts, followed, latents = reference_layout(vocab, batch)
+    assert packed.token_ids.tolist() == [0 if t is None else t for t in tokens]
+    assert packed.positions.tolist() == positions
+    assert packed.document.tolist() == document
+    assert packed.instance.tolist() == instance
+    assert packed.instance_starts == starts
+    assert packed.instance_followed_by_text.tolist() == followed == [True, False, True, True, False, False]
+    assert packed.sample_slices == [(document.index(s), len(document) - document[::-1].index(s)) for s in range(3)]
+    targets = [p for p, t in enumerate(tokens) if t is not None and t != vocab.bos and t not in vocab.end]
+    assert packed.loss_index.tolist() == [p - 1 for p in targets]
+    assert packed.loss_targets.tolist() == [tokens[p] for p in targets]
+    assert [g.modality for g in packed.groups] == [0, 1]
+    for group in packed.groups:
+        owned = latents[group.modality]
+        assert group.index.tolist() == [p for p, i in enumerate(instance) if i in {k for k, _ in owned}]
+        assert group.instance.tolist() == [instance[p] for p in group.index.tolist()]
+        torch.testing.assert_close(group.data, torch.cat([x.reshape(-1, x.shape[-1]) for _, x in owned]))
+
+
+def test_alibi_slopes_are_the_documented_geometric_sequence_on_the_first_heads():
+    """Press et al.: slope_i = 2^(-8 i / a) for i = 1..a on the first a heads, 0 on the rest."""
+    assert alibi_slopes(6, 4).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 0, 0]
+    assert alibi_slopes(2, 1).tolist() == [2 ** -8, 0]
+    assert alibi_slopes(3, 0).tolist() == [0, 0, 0]
+
+
+def test_cached_step_alibi_equals_the_packed_bias_among_an_instances_latents():
+    """The bias a cached decoding step applies inside an instance of each shape is the packed
+    rule's bias among that instance's latents (same grid, same axis order)."""
+    from transfusion_pytorch.token_layout import packed_transformer_inputs, step_alibi
+    model = tiny_model(alibi_heads = 2)
+    for item, shape in (((0, randn(2, 3, 8)), (2, 3)), ((0, randn(3, 2, 8)), (3, 2)), ((1, randn(4, 4)), (4,))):
+        packed = model.pack([[randint(0, 16, (2,)), item]])
+        _, mask, _, _, _ = packed_transformer_inputs(model, packed, None, None)
+        latents = packed.groups[0].index
+        torch.testing.assert_close(step_alibi(model, shape), mask.bias[0][:, latents][:, :, latents])
+
+
+def test_packed_routing_sends_every_token_once_pads_to_the_text_expert():
+    """Experts by token type over a flex-padded sequence: every slot exactly once, text-like
+    tokens and pads to expert 0, latents of modality m to 1 + m (also when modality 0 is absent)."""
+    from transfusion_pytorch.token_layout import packed_routing
+    model = tiny_model(modality_experts = True)
+    for batch in (mixed_batch(), [[randint(0, 16, (3,)), (1, randn(3, 4))]]):
+        packed = model.pack(batch)
+        padded = packed.length + 5
+        expert = torch.full((padded,), -1)
+        for index, indices in packed_routing(model.config, packed, padded).groups:
+            assert (expert[indices] == -1).all(), 'a token routed twice'
+            expert[indices] = index
+        modality = torch.tensor(packed.instance_modality)[packed.instance.clamp(min = 0)]
+        assert torch.equal(expert[:packed.length], torch.where(packed.instance >= 0, 1 + modality, 0))
+        assert (expert[packed.length:] == 0).all()
+
+
+def test_alibi_changes_nothing_in_a_batch_without_modalities():
+    """ALiBi acts only inside instances: on text-only samples the model equals one without it."""
+    model, plain = tiny_model(alibi_heads = 1), tiny_model()
+    plain.load_state_dict(model.state_dict())
+    batch = [[randint(0, 16, (5,))], [randint(0, 16, (3,))]]
+    torch.testing.assert_close(model(batch), plain(batch))
+
+
+def test_axial_coordinates_of_a_downsampled_modality_are_on_its_token_grid():
+    """With a U-Net (modality_downsample = 2) the transformer sees a (4, 6) instance as a (2, 3)
+    grid of tokens: its axial coordinates are that grid's, in raster order."""
+    from transfusion_pytorch.token_layout import packed_coordinates
+    model = tiny_model(axial_rotary = True, modality_downsample = 2, modality_default_shape = ((2, 4), (4,)))
+    packed = model.pack([[randint(0, 16, (2,)), randn(4, 6, 8)]])
+    start = packed.instance_starts[0]
+    coordinates = packed_coordinates(model.config, packed)
+    assert coordinates[start:start + 6].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert (packed.instance >= 0).sum() == 6 and not coordinates[packed.instance < 0].any()
