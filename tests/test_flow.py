@@ -53,3 +53,30 @@ def test_time_sampling_ranges_and_distributions():
     assert torch.equal(limited, torch.tensor([.5, .75, 1., .2]))      # [0, 1] onto [0.5, 1], the others kept
     with pytest.raises(ValueError, match = 'time sampling'):
         flow.sample_times(3, 'beta', torch.device('cpu'))
+
+
+def test_integration_needs_a_step():
+    with pytest.raises(ValueError, match = 'modality_steps must be at least 1, got 0'):
+        flow.integrate(lambda t, x: x, torch.zeros(2), 0, 'euler')
+
+
+def test_adaptive_solvers_follow_their_tolerances():
+    """dopri5 chooses its steps from rtol/atol: loose tolerances take fewer evaluations, tight ones
+    land closer to the analytic x(1) = x(0) * exp(sin(6))."""
+    x0 = torch.randn(4, dtype = torch.float64)
+    results = {}
+    for tolerance in (1e-2, 1e-9):
+        calls = []
+        def field(t, x):
+            calls.append(1)
+            return 6 * torch.cos(6 * t) * x
+        x1 = flow.integrate(field, x0, 1, 'dopri5', rtol = tolerance, atol = tolerance)
+        results[tolerance] = (len(calls), (x1 - x0 * math.exp(math.sin(6))).abs().max().item())
+    (loose_calls, loose_error), (tight_calls, tight_error) = results[1e-2], results[1e-9]
+    assert loose_calls < tight_calls and tight_error < 1e-6 < loose_error, results
+
+
+def test_the_path_keeps_the_data_dtype():
+    data, noise = torch.randn(4, 3, dtype = torch.bfloat16), torch.randn(4, 3, dtype = torch.bfloat16)
+    assert flow.noised(data, noise, torch.rand(4)).dtype == torch.bfloat16
+    assert flow.noised(data.double(), noise.double(), torch.rand(4)).dtype == torch.float64

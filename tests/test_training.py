@@ -297,3 +297,74 @@ def test_condition_dropout_cuts_the_instance_off_its_context():
         _, parts = model([[text, image]], times = times, noise = noise, return_breakdown = True)
         flows.append(parts.flow)
     torch.testing.assert_close(flows[0], flows[1])
+
+
+def test_text_only_loss_carries_the_text_loss_weight():
+    """A text-only batch's total is text_loss_weight times its cross-entropy, as in mixed batches."""
+    plain, weighted = tiny_model(), tiny_model(text_loss_weight = 0.25)
+    weighted.load_state_dict(plain.state_dict())
+    ids = randint(0, 16, (2, 7))
+    loss, parts = weighted(ids, return_breakdown = True)
+    torch.testing.assert_close(parts.text, plain(ids))
+    torch.testing.assert_close(loss, 0.25 * plain(ids))
+
+
+def test_text_only_batches_need_two_ids_inside_the_vocabulary():
+    model = tiny_model()
+    with pytest.raises(ValueError, match = r'n >= 2, got \(1, 1\)'):
+        model(torch.tensor([[3]]))
+    for ids in ([[16, 1, 2]], [[1, 2, 16]]):                       # num_text_tokens itself, as input or as target
+        with pytest.raises(ValueError, match = 'sample 0, item 0: text id 16'):
+            model(torch.tensor(ids))
+
+
+def test_caller_given_times_are_used_as_given():
+    """Noise limiting shapes drawn times only: given times, a model that limits noise computes
+    the same loss as one that does not, the end points 0 (noise) and 1 (data) included."""
+    plain, limiting = tiny_model().train(), tiny_model(noise_limit_before_text = True).train()
+    limiting.load_state_dict(plain.state_dict())
+    batch = [[randn(2, 3, 8), randint(0, 16, (4,))], [randint(0, 16, (3,)), (1, randn(3, 4)), randint(0, 16, (2,))]]
+    assert limiting.pack(batch).instance_followed_by_text.all()
+    noise = [randn(2, 3, 8), randn(3, 4)]
+    for times in ([0., 1.], [1., 0.], [.2, .3]):
+        expected = plain(batch, times = times, noise = noise)
+        torch.testing.assert_close(limiting(batch, times = times, noise = noise), expected)
+    pred = plain.predict(batch, [0., 1.], noise)
+    assert torch.equal(pred.noised[0], noise[0]) and torch.equal(pred.noised[1], batch[1][1][1])
+
+
+def test_eval_mode_draws_neither_limit_noise_nor_drop_conditions():
+    """Out of training, times are drawn unlimited and no condition is dropped, whatever the
+    training options: under one seed predict and the loss are exactly a plain model's."""
+    plain, options = tiny_model().eval(), tiny_model(noise_limit_before_text = True, condition_dropout = 0.999).eval()
+    options.load_state_dict(plain.state_dict())
+    batch = [[randint(0, 16, (3,)), randn(2, 3, 8), randint(0, 16, (4,))]] * 6
+    predictions, losses = [], []
+    for model in (plain, options):
+        torch.manual_seed(1)
+        predictions.append(model.predict(batch))
+        losses.append(model(batch, times = torch.full((6,), .3), noise = [torch.ones(2, 3, 8)] * 6))
+    assert (predictions[0].times < 0.5).any()
+    torch.testing.assert_close(predictions[1].times, predictions[0].times)
+    for a, b in zip(predictions[1].velocities + predictions[1].logits, predictions[0].velocities + predictions[0].logits):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+@pytest.mark.parametrize('time_sampling, logit_std', [('uniform', 3 ** -0.5 * torch.pi), ('logit_normal', 1.)])
+def test_drawn_times_follow_the_configured_sampling(time_sampling, logit_std):
+    """logit(t) of uniform t has standard deviation pi / sqrt(3) (a standard logistic); of
+    logit-normal t, 1."""
+    model = tiny_model(time_sampling = time_sampling)
+    packed = model.pack([[(1, randn(1, 4))]] * 500)
+    times, _, _ = objective.draw(model, packed, None, None)
+    logits = times.logit()
+    assert abs(logits.mean()) < 0.2 and abs(logits.std() / logit_std - 1) < 0.1, (logits.mean(), logits.std())
+
+
+def test_noise_must_hold_exactly_one_tensor_per_instance():
+    model = tiny_model()
+    batch, times = [[randint(0, 16, (2,)), randn(2, 3, 8)]], torch.tensor([.5])
+    for noise in ([], [randn(2, 3, 8), randn(2, 3, 8)]):
+        with pytest.raises(ValueError, match = r'noise must hold one tensor per modality instance \(1\), got'):
+            model(batch, times = times, noise = noise)
