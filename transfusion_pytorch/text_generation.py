@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .autocast_weights import weights_cast_once
+from .compiling import skip_guard_checks
 from .kv_cache import KVCache
 from .masks import AttentionMask
 
@@ -139,16 +140,6 @@ def check_text_sampling(temperature: float, min_p: float, temperature_name: str 
         raise ValueError(f'{temperature_name} must be finite and >= 0 (0 is greedy), got {temperature}')
     if not 0 <= min_p <= 1:
         raise ValueError(f'{min_p_name} must lie in [0, 1], got {min_p}')
-
-
-def skip_guard_checks():
-    """torch.compiler.set_stance(skip_guard_eval_unsafe=True), or nothing on a torch without it
-    (set_stance came in torch 2.6; this package allows 2.5)."""
-    set_stance = getattr(torch.compiler, 'set_stance', None)
-    try:
-        return set_stance(skip_guard_eval_unsafe = True) if set_stance is not None else nullcontext()
-    except TypeError:   # a set_stance without the option
-        return nullcontext()
 
 
 def text_decoder(model, batch: int, slots: int, compile_step: bool) -> TextDecoder:

@@ -11,7 +11,6 @@ Glossary: b batch, n tokens, d model dim, f feed-forward hidden width.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
+from .compiling import compile_region
 from . import experts as experts_module
 from .config import TransformerConfig
 from .debug import typechecked
@@ -129,23 +129,6 @@ class SkipMerge(nn.Module):
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         return self.proj(torch.cat((x, skip), dim = -1))
-
-
-# Blocks share Block.forward, and each mode a block runs in needs its own compiled version:
-# train or eval, gradients on or off, with or without a KV cache, the first block or a later
-# one (value residual): up to 16, past torch's default recompile_limit of 8, beyond which a
-# call needing a new version silently runs eagerly.
-BLOCK_VERSIONS = 32
-
-
-def compile_region(fn, options: dict | None):
-    """torch.compile with room for BLOCK_VERSIONS compiled versions: a recompile_limit for this
-    region where torch.compile takes one, else torch._dynamo's global limit raised (never lowered)."""
-    if 'recompile_limit' in inspect.signature(torch.compile).parameters:
-        return torch.compile(fn, options = options, recompile_limit = BLOCK_VERSIONS)
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, BLOCK_VERSIONS)
-    return torch.compile(fn, options = options)
 
 
 class Transformer(nn.Module):

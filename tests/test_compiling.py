@@ -1,0 +1,38 @@
+"""The compiled ODE evaluation: the same samples as eager, no recompiles across calls, left out
+of copies; and a caller's force_eager kept where the text decoder skips guard checks."""
+import copy
+
+import pytest
+import torch
+from torch import randint, randn
+
+from conftest import tiny_model
+from test_autocast_weights import randomized
+from test_sampling import assert_samples_equal
+
+QUIET = dict(show_progress = False)
+COMPILED = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, compile_blocks = True)
+
+
+def eager_twin(model):
+    twin = tiny_model(transformer = dict(COMPILED, compile_blocks = False), time_conditioning = model.config.time_conditioning)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def test_a_callers_force_eager_is_kept_through_the_loops():
+    """Skipping guard checks sets a stance; it must not replace force_eager with the default
+    stance (forward hooks, which compiled code skips, would then miss tokens)."""
+    model = randomized(tiny_model(transformer = COMPILED))
+    model.generate_modality_only(1, 1, (5,), modality_steps = 4, seed = 0)         # compiled versions exist
+    model.generate_text_only(randint(0, 16, (1, 2)), 10, temperature = 0.)
+    evaluations, tokens = [], []
+    model.modalities.time_embedding.register_forward_pre_hook(lambda *_: evaluations.append(1))
+    model.transformer.final_norm.register_forward_pre_hook(lambda *_: tokens.append(1))
+    with torch.compiler.set_stance('force_eager'):
+        model.generate_modality_only(1, 1, (5,), modality_steps = 4, seed = 0)
+        assert len(evaluations) == 2 * 4              # 4 midpoint steps, 2 evaluations each
+        tokens.clear()
+        model.generate_text_only(randint(0, 16, (1, 2)), 10, temperature = 0.)
+        assert len(tokens) == 1 + 7                   # the prompt's prefill, then a step for each new token but the last
+

@@ -1,0 +1,47 @@
+"""torch.compile as this package uses it: regions with room for their versions, and a loop that
+skips re-checking guards nothing in it can change.
+
+A compiled region (a block, the stack, an ODE evaluation) needs one compiled version per mode
+it runs in; `compile_region` leaves room for them all. The text decoder calls one compiled step
+per token with the same objects and only new values in its buffers, so after the first token it
+skips the guards: `skip_guard_checks`.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+
+import torch
+
+# Blocks share Block.forward, and each mode a block runs in needs its own compiled version:
+# train or eval, gradients on or off, with or without a KV cache, the first block or a later
+# one (value residual): up to 16, past torch's default recompile_limit of 8, beyond which a
+# call needing a new version silently runs eagerly.
+BLOCK_VERSIONS = 32
+
+
+def compile_region(fn, options: dict | None):
+    """torch.compile with room for BLOCK_VERSIONS compiled versions: a recompile_limit for this
+    region where torch.compile takes one, else torch._dynamo's global limit raised (never lowered)."""
+    if 'recompile_limit' in inspect.signature(torch.compile).parameters:
+        return torch.compile(fn, options = options, recompile_limit = BLOCK_VERSIONS)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, BLOCK_VERSIONS)
+    return torch.compile(fn, options = options)
+
+
+def skip_guard_checks():
+    """torch.compiler.set_stance(skip_guard_eval_unsafe=True): inside, a compiled call checks only
+    the guards that tell its compiled versions apart, so use it only where nothing else a guard
+    reads can change between the calls. A stance the caller set (force_eager, a forced backend)
+    is kept: then, and on a torch without the option (set_stance came in torch 2.6; this package
+    allows 2.5), it does nothing."""
+    set_stance = getattr(torch.compiler, 'set_stance', None)
+    current = getattr(getattr(torch._dynamo, 'eval_frame', None), '_stance', None)
+    if set_stance is None or getattr(current, 'stance', None) != 'default' or getattr(current, 'backend', None) is not None:
+        return nullcontext()
+    try:
+        return set_stance(skip_guard_eval_unsafe = True)
+    except TypeError:   # a set_stance without the option
+        return nullcontext()
+
