@@ -225,6 +225,24 @@ def test_sampling_runs_a_trainable_encoder_in_eval_mode():
     assert torch.equal(model.modalities.encoders[0].seen, torch.zeros(3)) and model.training
 
 
+def test_inference_hands_every_submodule_back_in_its_own_mode():
+    """A model in train mode whose encoder the caller keeps in eval (a frozen encoder with
+    statistics): predict, sampling and text generation put everything in eval mode for the
+    call and then restore each submodule's own mode, not the model's mode everywhere."""
+    model = encoder_model(RunningMean())
+    model.train()
+    model.modalities.encoders[0].eval()
+    model.predict([[randn(3, 2, 2)]], torch.tensor([.3]), [randn(8, 2, 2)])
+    model.sample([randn(3, 2, 2), torch.tensor([1])], max_length = 20, modality_steps = 1, show_progress = False)
+    model.generate_text_only(torch.tensor([[1, 2]]), 6)
+    assert model.training and model.transformer.blocks[0].training
+    assert not model.modalities.encoders[0].training
+    model.eval()
+    model.transformer.blocks[0].train()
+    model.sample(max_length = 8, show_progress = False)
+    assert not model.training and model.transformer.blocks[0].training
+
+
 @pytest.mark.parametrize('batch, error, message', [
     ([[(torch.tensor(1.), randn(3, 4))]], TypeError, r'sample 0, item 0: modality index must be an int, got Tensor'),
     ([[(True, randn(3, 4))]], TypeError, r'sample 0, item 0: modality index must be an int, got bool'),

@@ -9,11 +9,14 @@ from torch import nn
 
 @contextmanager
 def eval_mode(module: nn.Module):
-    """`module.eval()` inside the block; its previous mode (train or eval) restored after it,
-    also when the block raises."""
-    was_training = module.training
+    """`module.eval()` inside the block; afterwards every submodule gets back its own previous
+    mode, also when the block raises. (Restoring with `module.train(was_training)` would put a
+    submodule the caller keeps in eval, such as a frozen encoder with batch norm, into train
+    mode with the rest.)"""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for submodule, training in modes:
+            submodule.training = training
