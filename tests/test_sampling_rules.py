@@ -160,3 +160,16 @@ def test_length_and_shape_limits_are_inclusive():
     with pytest.raises(ValueError, match = r'exceeds max_shape_value=9'):
         model.sample(force_modality_at_start = (0, (10,)), **QUIET)
 
+
+@pytest.mark.parametrize('prompt', [torch.tensor([], dtype = torch.long), [torch.tensor([], dtype = torch.long)] * 2])
+def test_a_prompt_of_empty_text_does_not_let_a_sample_end_empty(monkeypatch, prompt):
+    """EOS is offered only once the sample holds a token or an instance: an empty text prompt
+    is echoed but holds neither, so a sampler that prefers EOS must still write something, and
+    the sample stays valid input to forward (which refuses an empty sample)."""
+    model = tiny_model()
+    eos = model.vocab.eos
+    seen = script_choices(monkeypatch, lambda call, ids: eos if eos in ids else 0)
+    sample = model.sample(prompt, max_length = 10, **QUIET)
+    assert eos not in seen[0] and eos in seen[1]
+    assert [item.tolist() for item in sample] == [[]] * (len(sample) - 1) + [[0]]
+    assert torch.isfinite(model([sample]))

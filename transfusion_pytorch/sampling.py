@@ -106,8 +106,8 @@ class Sampler:
         else:
             ids = list(range(vocab.num_text_tokens))
             ids += [vocab.begin[m] for m in range(vocab.num_modalities) if self.min_length(m) <= budget]
-            if row.output or row.text:
-                ids.append(vocab.eos)  # a sample never ends empty: it must stay valid input
+            if row.text or any(isinstance(item, tuple) or item.numel() for item in row.output):
+                ids.append(vocab.eos)  # a sample never ends empty (empty prompt text holds nothing): it must stay valid input
         mask = torch.zeros(vocab.size, dtype = torch.bool, device = self.model.device)
         mask[ids] = True
         return mask
