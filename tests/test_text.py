@@ -287,3 +287,62 @@ def test_kept_decoder_serves_calls_in_and_out_of_inference_mode(autocast):
         with torch.inference_mode():
             fourth = run()
     assert torch.equal(first, second) and torch.equal(second, third) and torch.equal(third, fourth)
+
+
+def test_sampled_cached_equals_uncached_under_one_seed():
+    """Both paths draw one uniform per vocabulary entry and row per new token, in the same order,
+    from the global generator: under one seed, sampled (not only greedy) tokens agree exactly,
+    the first one (chosen at prefill) included, for each temperature and min-p."""
+    model = text_model()
+    with torch.no_grad():
+        model.to_logits.weight *= 4    # peaked logits: min-p then removes most tokens
+    prompt = torch.randint(0, 32, (6, 4))
+    greedy = model.generate_text_only(prompt, 20, temperature = 0.)
+    for temperature, min_p in ((1., 0.), (2., 0.5)):
+        torch.manual_seed(7)
+        cached = model.generate_text_only(prompt, 20, temperature = temperature, min_p = min_p)
+        torch.manual_seed(7)
+        uncached = model.generate_text_only(prompt, 20, temperature = temperature, min_p = min_p, cache_kv = False)
+        assert torch.equal(cached, uncached), (temperature, min_p)
+        assert not torch.equal(cached[:, 0], greedy[:, 0]) and not torch.equal(cached[:, 1:], greedy[:, 1:])
+
+
+@torch.no_grad()
+def test_special_tokens_are_never_chosen_even_when_most_likely():
+    """Special-token rows of the head are 10x copies of text rows, so a special id is often the
+    full vocabulary's argmax: both paths still choose the argmax over text ids alone."""
+    model = text_model()
+    text_count, weight = 32, model.to_logits.weight
+    weight[text_count:] = 10 * weight[:weight.shape[0] - text_count]
+    ids = torch.randint(0, text_count, (2, 3))
+    full_argmax_special = False
+    for _ in range(12):   # the reference: greedy over text logits, recomputed from scratch
+        logits = model.text_logits(ids)[:, -1]
+        full_argmax_special |= bool((logits.argmax(-1) >= text_count).any())
+        ids = torch.cat((ids, logits[:, :text_count].argmax(-1, keepdim = True)), dim = 1)
+    assert full_argmax_special
+    for cache_kv in (True, False):
+        assert torch.equal(model.generate_text_only(ids[:, :3], 15, temperature = 0., cache_kv = cache_kv), ids[:, 3:])
+        sampled = model.generate_text_only(ids[:, :3], 15, temperature = 1., min_p = 0., cache_kv = cache_kv)
+        assert int(sampled.max()) < text_count
+
+
+def test_generate_text_only_prompt_limits():
+    """A prompt needs at least one token, and its ids must lie in [0, num_text_tokens): the first
+    special id is refused. seq_len at or below the prompt length gives no new tokens."""
+    model = text_model()
+    with pytest.raises(ValueError, match = r'p >= 1, got \(2, 0\)'):
+        model.generate_text_only(torch.zeros((2, 0), dtype = torch.long), 5)
+    with pytest.raises(ValueError, match = r'prompt ids must lie in \[0, num_text_tokens=32\)'):
+        model.generate_text_only(torch.tensor([[1, 32]]), 5)
+    assert model.generate_text_only(torch.tensor([[1, 31]]), 3, temperature = 0.).shape == (1, 1)
+    assert model.generate_text_only(torch.tensor([[1, 31]]), 2).shape == (1, 0)
+
+
+def test_compile_step_is_honoured_after_an_eager_call():
+    """Kept decoders are per (batch, length, device, dtype, compile_step): asking for a compiled
+    step after an eager decoder of the same sizes was kept gives a compiled one, and back."""
+    from transfusion_pytorch.text_generation import text_decoder
+    model = text_model()
+    for compile_step in (False, True, False):
+        assert text_decoder(model, 2, 8, compile_step).compiled == compile_step
