@@ -201,6 +201,24 @@ def test_rejected_batch_leaves_a_trainable_encoders_buffers_unchanged():
     assert torch.equal(model.modalities.encoders[0].seen, seen)
 
 
+class FirstOnly(RunningMean):
+    """Updates its buffer, then returns one latent for a batch of several inputs."""
+
+    def forward(self, x):
+        return super().forward(x)[:1]
+
+
+def test_encoder_dropping_part_of_its_batch_is_named_and_changes_nothing():
+    """Two same-shape instances are encoded as one batch of two: an encoder that returns one
+    latent is refused with a TypeError naming both items, and the buffer it updated before
+    the refusal is restored (any exception, not only ValueError)."""
+    model = encoder_model(FirstOnly())
+    with pytest.raises(TypeError, match = r'sample 0 item 0, sample 1 item 0: modality 0 encoder must return one latent tensor '
+                                          r'per input, batched like its input \(2, 3, 2, 2\); got shape \(1, 8, 2, 2\)'):
+        model([[randn(3, 2, 2)], [randn(3, 2, 2)]])
+    assert not model.modalities.encoders[0].seen.any()
+
+
 def test_predict_runs_a_trainable_encoder_in_eval_mode():
     model = encoder_model(RunningMean())
     model.train()
