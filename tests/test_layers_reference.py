@@ -153,8 +153,8 @@ def test_qk_norm_option_reaches_every_block():
 # attention dropout
 
 def test_attention_dropout_applies_in_training_only():
-    """Training draws a dropout mask on the attention weights: the same seed gives the same
-    output, which differs from eval's; eval equals a model built without dropout."""
+    """Training draws a dropout mask: the same seed gives the same output, which differs from
+    eval's; eval equals a model built without dropout."""
     from transfusion_pytorch.attention import Attention
     attn = Attention(dim = 16, heads = 2, dim_head = 8, dropout = 0.5)
     x, rotary, mask = randn(1, 6, 16), RotaryEmbedding(8)(torch.arange(6)[None]), AttentionMask(is_causal = True)
@@ -167,6 +167,44 @@ def test_attention_dropout_applies_in_training_only():
     plain = Attention(dim = 16, heads = 2, dim_head = 8)
     plain.load_state_dict(attn.state_dict())
     torch.testing.assert_close(evaluated, plain(x, rotary, mask)[0])
+
+
+@torch.no_grad()
+def test_attention_dropout_zeroes_units_of_the_heads_output():
+    """Dropout acts on the heads' output Float['b n (h e)'] before the output projection (not on
+    the attention weights, which flex attention cannot drop): the training output is to_out of
+    eval's heads output times the mask F.dropout draws on ones of that shape under the same seed."""
+    from transfusion_pytorch.attention import Attention
+    attn = Attention(dim = 16, heads = 2, dim_head = 8, dropout = 0.5)
+    x, rotary, mask = randn(1, 6, 16), RotaryEmbedding(8)(torch.arange(6)[None]), AttentionMask(is_causal = True)
+    heads = []
+    attn.to_out.register_forward_pre_hook(lambda module, args: heads.append(args[0]))
+    attn.eval()(x, rotary, mask)
+    torch.manual_seed(3)
+    trained = attn.train()(x, rotary, mask)[0]
+    torch.manual_seed(3)
+    kept = F.dropout(torch.ones(1, 6, 16), 0.5, True)
+    torch.testing.assert_close(trained, attn.to_out(heads[0] * kept))
+
+
+@torch.no_grad()   # flex attention has no CPU backward
+def test_attention_dropout_is_the_same_on_flex_and_sdpa():
+    """The same seed draws the same dropout on both backends (a packed row of three samples):
+    one config trains one model whichever backend runs it."""
+    from transfusion_pytorch.attention import Attention
+    from transfusion_pytorch.masks import AttentionRule, mask_for_rule
+    document = torch.tensor([0] * 40 + [1] * 50 + [2] * 38)
+    instance = torch.where((torch.arange(128) % 40) < 10, document, -1)
+    rule = AttentionRule(document, instance, bidirectional_instances = True)
+    attn = randomise_(Attention(dim = 32, heads = 2, dim_head = 16, dropout = 0.3)).train()
+    x, rotary = randn(1, 128, 32), RotaryEmbedding(16)(torch.arange(128)[None])
+    outputs = []
+    for backend in ('flex', 'sdpa'):
+        torch.manual_seed(5)
+        outputs.append(attn(x, rotary, mask_for_rule(rule, backend, sample_slices = [(0, 40), (40, 90), (90, 128)]))[0])
+    torch.testing.assert_close(outputs[0], outputs[1], atol = 1e-4, rtol = 1e-4)
+    torch.manual_seed(6)
+    assert not torch.allclose(attn(x, rotary, mask_for_rule(rule, 'sdpa'))[0], outputs[1])   # another draw differs
 
 
 # LASER
@@ -189,7 +227,7 @@ def test_laser_equals_log_attention_of_exp_values_beyond_float32_range():
     visible = torch.ones(5, 5).tril().bool()
     visible[:, 4] = False
     visible = visible.expand(2, 1, 5, 5)
-    out = laser_attend(q, k, v, AttentionMask(dense = visible), 0.)
+    out = laser_attend(q, k, v, AttentionMask(dense = visible))
     expected = laser_reference(q, k, v, visible)
     torch.testing.assert_close(out.double(), expected, atol = 1e-4, rtol = 1e-5)
 
@@ -202,7 +240,7 @@ def test_laser_on_a_packed_row_shifts_each_sample_by_its_own_max():
     visible = (document[:, None] == document[None]) & torch.ones(7, 7).tril().bool()
     q, k = randn(1, 2, 7, 8), randn(1, 2, 7, 8)
     v = randn(1, 2, 7, 8) + torch.where(document == 0, 100., -100.)[:, None]
-    out = laser_attend(q, k, v, AttentionMask(dense = visible[None, None], document = document), 0.)
+    out = laser_attend(q, k, v, AttentionMask(dense = visible[None, None], document = document))
     torch.testing.assert_close(out.double(), laser_reference(q, k, v, visible), atol = 1e-4, rtol = 1e-5)
 
 
@@ -213,7 +251,7 @@ def test_laser_output_stays_finite_where_a_query_sees_only_underflowing_values()
     q, k = randn(1, 1, 2, 4), randn(1, 1, 2, 4)
     v = torch.zeros(1, 1, 2, 4, requires_grad = True)
     shifted = v + torch.tensor([[-100., 0., 0., 0.], [100., 0., 0., 0.]])
-    out = laser_attend(q, k, shifted, AttentionMask(is_causal = True), 0.)
+    out = laser_attend(q, k, shifted, AttentionMask(is_causal = True))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, 0, 0, 0], torch.tensor(math.log(torch.finfo(torch.float32).tiny) + 100.))
     out.sum().backward()

@@ -39,14 +39,14 @@ def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> 
     return _compiled_flex_attention(q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float = 0.) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """Float['b h n e'] queries against Float['b h k e'] keys and values under `mask`."""
     if mask.uses_flex:
         return run_flex_attention(q, k, v, mask)
     attn_mask = mask.dense
     if mask.bias is not None:
         attn_mask = mask.bias.to(q.dtype).masked_fill(~mask.dense, float('-inf'))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask = attn_mask, is_causal = mask.is_causal, dropout_p = dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask = attn_mask, is_causal = mask.is_causal)
 
 
 class HeadRMSNorm(nn.Module):
@@ -115,16 +115,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = write_to_cache(cache, k, v)
 
-        dropout = self.dropout if self.training else 0.
         if mask.segments is not None:       # one row per sample: no scores across samples
             q, k, v = (mask.segments.gather(t) for t in (q, k, v))
-        if self.laser:
-            out = laser_attend(q, k, v, mask, dropout)
-        else:
-            out = attend(q, k, v, mask, dropout)
+        out = laser_attend(q, k, v, mask) if self.laser else attend(q, k, v, mask)
         if mask.segments is not None:
             out = mask.segments.scatter(out)
-        return experts_module.apply(self.to_out, rearrange(out, 'b h n e -> b n (h e)'), routing), values
+        # dropout on the heads' output, not on the attention weights: flex attention has no
+        # dropout of its weights, and the same config must train the same model on every backend
+        out = F.dropout(rearrange(out, 'b h n e -> b n (h e)'), self.dropout, self.training)
+        return experts_module.apply(self.to_out, out, routing), values
 
 
 def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,7 +142,7 @@ def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -
     return cache_keys, cache_values
 
 
-def laser_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float) -> Tensor:
+def laser_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """log(attention(exp(V))), stabilised by each value channel's max m over one sample's keys.
 
     m cancels in exact arithmetic and is detached, so no gradient flows through it; in floating
@@ -155,7 +154,7 @@ def laser_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: 
     low end."""
     if mask.document is not None:
         v_max = document_max(v, mask.document).detach()             # (b, h, n, e): the key's sample's max
-        out = attend(q, k, (v - v_max).exp(), mask, dropout)
+        out = attend(q, k, (v - v_max).exp(), mask)
         return out.clamp(min = torch.finfo(out.dtype).tiny).log() + v_max   # queries share their keys' samples
     key_visible = None
     if mask.dense is not None:
@@ -163,7 +162,7 @@ def laser_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: 
     visible_v = v if key_visible is None else v.masked_fill(~key_visible, float('-inf'))
     v_max = visible_v.amax(dim = -2, keepdim = True).detach()      # (b, h, 1, e)
     exp_v = (visible_v - v_max).exp()                                # hidden slots become exactly 0
-    out = attend(q, k, exp_v, mask, dropout)
+    out = attend(q, k, exp_v, mask)
     return out.clamp(min = torch.finfo(out.dtype).tiny).log() + v_max
 
 

@@ -47,6 +47,10 @@ class TransformerConfig:
     qk_norm: RMSNorm on queries and keys per head (Dehghani et al. 2023).
     unet_skips: long skip connections from the first half of the stack to the mirrored block of the
         second half (U-ViT, Bao et al. 2022).
+    dropout: in training, the probability of zeroing each unit of a block's attention output
+        (its heads' output, before the output projection) and of the feed-forward's hidden
+        layer. The same on every attention backend: the attention weights are never dropped,
+        since flex attention (the CUDA default) cannot drop them.
     value_residual: every layer mixes in the first layer's values with a learned gate
         (value residual learning, Zhou et al. 2024).
     laser: attention on exponentiated values, log of the result (LASER, Duvvuri & Dhillon 2024).
