@@ -254,6 +254,8 @@ def test_prompt_errors_name_the_prompt_by_its_index():
     (dict(force_modality_at_start = [0, (2, 3)]), TypeError, r'force_modality_at_start must be a modality index'),
     (dict(force_modality_at_start = (0, (2, 'x'))), ValueError, r'force_modality_at_start: a shape must be a tuple of positive ints'),
     (dict(fixed_modality_shape = (4, 4, 4)), ValueError, r'fixed_modality_shape \(4, 4, 4\) fits no modality: modality 0 has 2 axes'),
+    (dict(fixed_modality_shape = {True: (3,)}), TypeError, r'fixed_modality_shape keys must be modality indices, got True'),   # not modality 1
+    (dict(fixed_modality_shape = {2: (3,)}), ValueError, r'fixed_modality_shape names modality 2, but the model has 2'),
 ])
 def test_sampling_options_are_checked(keywords, error, message):
     with pytest.raises(error, match = message):

@@ -306,7 +306,9 @@ def _fixed_shapes(model, fixed_modality_shape) -> dict[int, tuple[int, ...]]:
         return {m: shape for m, problem in enumerate(problems) if problem is None}
     shapes = {}
     for m, value in fixed_modality_shape.items():
-        if not isinstance(m, int) or not 0 <= m < count:
+        if not isinstance(m, int) or isinstance(m, bool):
+            raise TypeError(f'fixed_modality_shape keys must be modality indices, got {m!r}')
+        if not 0 <= m < count:
             raise ValueError(f'fixed_modality_shape names modality {m!r}, but the model has {count}')
         shapes[m] = _as_shape(value, f'fixed_modality_shape[{m}]')
         if problem := _shape_problem(model, m, shapes[m]):
