@@ -106,3 +106,16 @@ def test_user_coders_and_training_keep_fp32_weights():
         model([[randint(0, 16, (3,)), randn(2, 8)]]).backward()   # training: gradients reach the fp32 weights
     assert seen_logits and all(d == torch.float32 and t is nn.Parameter for d, t in seen_logits)
     assert model.to_logits.weight.grad is not None and model.to_logits.weight.grad.abs().sum() > 0
+
+
+def test_cpu_biases_stay_fp32_parameters():
+    """On CPU only the weights are copied: compiled CPU code adds each bias apart from its
+    product, in fp32, so the copies and casting at every step see the same bias."""
+    model = tiny_model()
+    biases = {id(layer): layer.bias for layer in autocast_weights.own_linears(model) if layer.bias is not None}
+    assert biases
+    with torch.no_grad(), torch.autocast(**BF16), autocast_weights.weights_cast_once(model):
+        for layer in autocast_weights.own_linears(model):
+            assert layer.weight.dtype == torch.bfloat16
+            if layer.bias is not None:
+                assert layer.bias is biases[id(layer)] and layer.bias.dtype == torch.float32

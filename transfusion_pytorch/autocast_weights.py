@@ -11,6 +11,10 @@ casts each linear weight once into a buffer of the autocast dtype and puts the b
 of the parameters while sampling runs; autocast then finds its operands already in its dtype and
 casts nothing. The results are bitwise the same: a cast rounds the same way wherever it runs.
 
+On CPU the biases stay in fp32: compiled CPU code adds a bias apart from its product
+(`experts.run_linear`), in fp32 before the one rounding to the autocast dtype, and eager
+autocast keeps its cast of a bias parameter for the whole region anyway.
+
 Only the package's own `nn.Linear` layers are swapped, never a user's encoder or decoder, which
 may read its weights in ways autocast does not cast. Parameters that are not plain fp32 tensors
 (a model already in bf16, FSDP2's DTensors) are left alone.
@@ -55,12 +59,13 @@ class AutocastWeights:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.dtype = dtype
+        biases_too = model.device.type != 'cpu'   # see the module docstring
         with torch.inference_mode(False):   # kept copies are refreshed in place, also outside inference mode
             self.slots: list[tuple[nn.Module, str, nn.Parameter]] = [
                 (layer, name, nn.Parameter(torch.empty_like(param, dtype = dtype), requires_grad = False))
                 for layer in own_linears(model)
                 for name, param in layer._parameters.items()
-                if _plain_fp32(param)
+                if _plain_fp32(param) and (biases_too or name != 'bias')
             ]
 
     @contextmanager
