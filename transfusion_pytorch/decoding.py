@@ -63,6 +63,7 @@ class StepContext:
     repeated steps (the ODE evaluations of one instance) build it once and a CUDA graph of the
     step reads it at fixed addresses."""
     positions: Tensor                    # Int['b q'] (or Int['b q k'] axial) rotary positions
+    rotary: tuple[Tensor, Tensor]        # their (cos, sin), Float['b 1 q e/2'] each
     mask: AttentionMask
     routing: Routing | None
     cache: KVCache                       # the runner's cache, or a copy of the rows taking part (their visible slots)
@@ -118,7 +119,11 @@ class CachedRunner:
         cache_rows = [self.cache_row[r] for r in rows]
         subset = None if cache_rows == list(range(self.cache.batch)) else host_to_device(torch.tensor(cache_rows), device)
         cache = self.cache if subset is None else self.cache.rows(subset, visible)
-        return StepContext(step_positions(model.config, starts, q, shape), mask, step_routing(model.config, modality, b, q, latents, device),
+        positions = step_positions(model.config, starts, q, shape)
+        # computed once here: inside a compiled step Inductor would recompute the angles' cos and
+        # sin in every layer's rotation kernel, for every head
+        rotary = model.transformer.rotary(positions)
+        return StepContext(positions, rotary, mask, step_routing(model.config, modality, b, q, latents, device),
                            cache, cache.layer_views(slots, visible), token_instance, subset, slots)
 
     def _visible_slots(self, rows: list[int], q: int) -> int:
@@ -138,7 +143,7 @@ class CachedRunner:
         if context.token_instance is not None and time_embedding is not None:
             modulations = model.modalities.adaptive.per_block(time_embedding, context.token_instance)
         return model.transformer(x, context.positions, context.mask, modulations, cache = context.views,
-                                 compiled = compiled, routing = context.routing)
+                                 compiled = compiled, routing = context.routing, rotary = context.rotary)
 
     def _persist(self, context: StepContext) -> None:
         if context.subset is not None:

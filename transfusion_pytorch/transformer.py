@@ -164,24 +164,28 @@ class Transformer(nn.Module):
         cache: list[tuple[Tensor, Tensor, Tensor]] | None = None,
         compiled: bool = True,
         routing: Routing | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Float[Tensor, 'b n d']:
         """x: Float['b n d'] embeddings; positions: Int['b n'] or Int['1 n'] rotary positions.
         modulations: one per block, or None. cache: per block (keys, values, write_positions)
         of a static KV cache, or None. compiled: use the compiled blocks (or stack) when
-        compile_blocks is on (prompt prefills pass False: their many distinct lengths would
-        each recompile). routing: the expert of each token when the config has several
-        experts (None: expert 0). Returns Float['b n d'] after the final norm."""
+        compile_blocks is on (False inside a region compiled as a whole, and on the uncompiled
+        reference paths). routing: the expert of each token when the config has several
+        experts (None: expert 0). rotary: self.rotary(positions) computed beforehand, for steps
+        repeated at the same positions (ODE evaluations); None computes it here. Returns
+        Float['b n d'] after the final norm."""
         compiled = compiled and self.config.compile_blocks
         if compiled and self.config.compile_stack:
             if self._compiled_stack is None:
                 self._compiled_stack = compile_region(self._run_stack, self.config.compile_options_dict)
-            return self._compiled_stack(x, positions, mask, modulations, cache, routing, compiled_blocks = False)
-        return self._run_stack(x, positions, mask, modulations, cache, routing, compiled_blocks = compiled)
+            return self._compiled_stack(x, positions, mask, modulations, cache, routing, rotary, compiled_blocks = False)
+        return self._run_stack(x, positions, mask, modulations, cache, routing, rotary, compiled_blocks = compiled)
 
     def _run_stack(self, x: Tensor, positions: Tensor, mask: AttentionMask, modulations: list[Modulation] | None,
-                   cache: list | None, routing: Routing | None, compiled_blocks: bool) -> Tensor:
+                   cache: list | None, routing: Routing | None, rotary: tuple[Tensor, Tensor] | None, compiled_blocks: bool) -> Tensor:
         """The blocks and the final norm; what compile_stack compiles as one region."""
-        rotary = self.rotary(positions)
+        if rotary is None:
+            rotary = self.rotary(positions)
         blocks = self._block_callables(compiled_blocks)
         first_values, skips = None, []
         use_checkpoint = self.config.checkpoint_activations and self.training and torch.is_grad_enabled()
