@@ -63,3 +63,25 @@ def test_a_callers_force_eager_is_kept_through_the_loops():
         model.generate_text_only(randint(0, 16, (1, 2)), 10, temperature = 0.)
         assert len(tokens) == 1 + 7                   # the prompt's prefill, then a step for each new token but the last
 
+
+
+def test_compiled_prefills_match_eager_and_stop_recompiling():
+    """CPU prompt prefills run the compiled blocks: each length gives eager's logits, and after
+    the first lengths (static, then dynamic) a new length compiles nothing."""
+    from transfusion_pytorch.batch import ModalityItem, TextItem
+    from transfusion_pytorch.decoding import CachedRunner
+    model = randomized(tiny_model(transformer = COMPILED)).eval()
+    twin = eager_twin(model).eval()
+    prompt = lambda n: [TextItem(randint(0, 16, (n,))), ModalityItem(1, randn(3, 4))]
+    torch._dynamo.reset()   # else graphs compiled for an earlier test's model of this shape serve this one
+    graphs = lambda: torch._dynamo.utils.counters['stats']['unique_graphs']
+    before, counts = graphs(), []
+    with torch.no_grad():
+        for n in (2, 3, 4, 6, 9, 13):
+            items = prompt(n)
+            logits, length = CachedRunner(model, 1, 64).prefill(0, items)
+            expected, expected_length = CachedRunner(twin, 1, 64).prefill(0, items)
+            assert length == expected_length
+            torch.testing.assert_close(logits, expected, atol = 1e-4, rtol = 1e-4)
+            counts.append(graphs())
+    assert before < counts[0] < counts[1] == counts[-1] and len(set(counts[1:])) == 1, (before, counts)
