@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ModalityConfig, TransfusionConfig
+from .experts import run_linear
 from .modes import eval_mode
 from .transformer import Modulation
 from .unet import LatentUNet
@@ -35,7 +36,8 @@ class TimeEmbedding(nn.Module):
     def forward(self, times: Tensor) -> Tensor:
         angles = 1000. * times.float()[:, None] * self.frequencies                # (i, f)
         features = torch.cat((angles.sin(), angles.cos()), dim = -1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        first, activation, second = self.mlp
+        return run_linear(second, activation(run_linear(first, features.to(first.weight.dtype))))
 
 
 class AdaptiveConditioning(nn.Module):
@@ -53,7 +55,7 @@ class AdaptiveConditioning(nn.Module):
 
     def per_block(self, time_embedding: Tensor, token_instance: Tensor) -> list[Modulation]:
         """time_embedding Float['i d']; token_instance Int['b n'] (-1: not modulated)."""
-        params = rearrange(self.proj(F.silu(time_embedding)), 'i (l six d) -> l i six d', l = self.depth, six = 6)
+        params = rearrange(run_linear(self.proj, F.silu(time_embedding)), 'i (l six d) -> l i six d', l = self.depth, six = 6)
         params = F.pad(params, (0, 0, 0, 0, 0, 1))                                   # row i = zeros
         index = torch.where(token_instance >= 0, token_instance, params.shape[1] - 1)
         return [Modulation(*layer[index].unbind(dim = -2)) for layer in params]     # each (b, n, d)
@@ -164,7 +166,7 @@ class Modalities(nn.Module):
         broadcastable to Float['b l d'] -> tokens Float['b l d'] (l = L without a U-Net)."""
         parts = self.projections[modality]
         if parts.unet is None:
-            return parts.proj_in(inputs) + token_time
+            return run_linear(parts.proj_in, inputs) + token_time
         tokens, _ = parts.unet.encode(inputs, shape)
         return tokens + token_time
 
@@ -173,7 +175,7 @@ class Modalities(nn.Module):
         `inputs` are the network inputs the tokens came from (the U-Net recomputes its skip)."""
         parts = self.projections[modality]
         if parts.unet is None:
-            return parts.proj_out(hidden)
+            return run_linear(parts.proj_out, hidden)
         _, skip = parts.unet.encode(inputs, shape)
         return parts.unet.decode(hidden, skip, shape)
 
