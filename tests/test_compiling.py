@@ -1,5 +1,6 @@
 """The compiled ODE evaluation: the same samples as eager, no recompiles across calls, left out
-of copies; and a caller's force_eager kept where the text decoder skips guard checks."""
+of copies; compiled prompt prefills: eager's logits, a bounded number of compiles; and a
+caller's force_eager kept where the text decoder skips guard checks."""
 import copy
 
 import pytest
