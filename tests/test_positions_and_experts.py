@@ -208,6 +208,22 @@ def test_compiled_cpu_projections_add_the_bias_apart_with_eager_values(experts):
     assert linears and all(len(node.args) == 2 and node.kwargs.get('bias') is None for node in linears)
 
 
+def test_expert_linear_under_autocast_returns_what_each_expert_returns():
+    """Each token's row is its expert's nn.Linear output, in that output's dtype (bf16 under
+    autocast), not the fp32 of the input."""
+    from transfusion_pytorch.experts import ExpertLinear, Routing
+    layer = ExpertLinear(8, 6, 2)
+    routing = Routing([(0, torch.tensor([0, 2, 3])), (1, torch.tensor([1, 4, 5]))])
+    x = randn(2, 3, 8)
+    with torch.autocast('cpu', dtype = torch.bfloat16):
+        out = layer(x, routing).reshape(6, 6)
+        flat = x.reshape(6, 8)
+        for expert, index in routing.groups:
+            expected = layer.experts[expert](flat[index])
+            assert out.dtype == expected.dtype == torch.bfloat16
+            assert torch.equal(out[index], expected)
+
+
 def test_packed_axial_positions_of_every_instance():
     """Axial positions in a packed batch: text-like tokens (p, p, p); the latents of every
     instance (the first, instance 0, included) (o, o + c_1, o + c_2), o the position of the

@@ -45,9 +45,11 @@ class ExpertLinear(nn.Module):
             out = run_linear(self.experts[routing.groups[0][0]], x)
         else:
             flat = x.reshape(-1, x.shape[-1])
-            out = flat.new_zeros(flat.shape[0], self.experts[0].out_features)
-            for expert, index in routing.groups:
-                out = out.index_copy(0, index, run_linear(self.experts[expert], flat[index]).to(out.dtype))
+            parts = [(index, run_linear(self.experts[expert], flat[index])) for expert, index in routing.groups]
+            # in the products' dtype (bf16 under autocast, as one nn.Linear's output), not x's
+            out = parts[0][1].new_zeros(flat.shape[0], self.experts[0].out_features)
+            for index, part in parts:
+                out = out.index_copy(0, index, part)
             out = out.reshape(*x.shape[:-1], -1)
         anchor = self.unused_anchor({expert for expert, _ in routing.groups})
         return out if anchor is None else out + anchor.to(out.dtype)
