@@ -6,15 +6,18 @@ open, found by a mutation review of decoding.py, kv_cache.py and masks.prefix_ma
   transformer-side token grid, not the full-resolution shape;
 - the row mapping after several releases (each compaction maps sample rows to the rows of the
   current, already compacted cache), and a row prefilled again after a compaction;
+- the cost rules the outputs cannot show: a release is compacted once, at the next step, to
+  exactly the live rows, and a step over some rows copies only their visible slots.
 
 Every test drives the cached runner and the uncached reference through the same calls
-(`Both`) and compares every answer.
+(`Both`) and compares every answer, or checks the runner's cache against explicit values.
 """
 import pytest
 import torch
 from torch import randint, randn
 
 from transfusion_pytorch import decoding, sampling
+from transfusion_pytorch.kv_cache import KVCache
 
 from conftest import tiny_model
 from test_decoding import Both
@@ -92,3 +95,46 @@ def test_a_row_prefilled_again_after_a_compaction_writes_its_own_cache_row():
     both.call('feed', [2, 1], [3, 4])
     both.call('feed', [1], [5])
     both.call('feed', [2], [6])
+
+
+@torch.no_grad()
+def test_a_release_is_compacted_once_at_the_next_step_to_the_live_rows():
+    """release() only marks the row; the next step drops it, keeping the live rows' contents in
+    order; later steps without a new release work on that same cache (no copy per step)."""
+    model = tiny_model().eval()
+    runner = decoding.CachedRunner(model, 3, 64, cuda_graphs = False)
+    for row, items in enumerate(sampling.model_items(model, [randint(0, 16, (n,)) for n in (3, 4, 5)])):
+        runner.prefill(row, items)
+    runner.feed([0, 1, 2], [1, 2, 3])
+    full = runner.cache
+    live = [tensor[[0, 2]].clone() for tensor in full.tensors()]
+    runner.release(1)
+    assert runner.cache is full                                    # nothing is copied at release
+    runner.feed([0, 2], [4, 5])
+    compacted = runner.cache
+    assert compacted.batch == 2 and runner.cache_row == [0, None, 1]
+    for before, after in zip(live, compacted.tensors()):
+        torch.testing.assert_close(after[:, :, :5], before[:, :, :5])   # slots both rows filled before the release
+    runner.feed([2, 0], [6, 7])
+    runner.feed([0], [8])
+    assert runner.cache is compacted
+
+
+@torch.no_grad()
+def test_a_step_over_some_rows_copies_only_their_visible_slots(monkeypatch):
+    """With 200 slots and rows under 64 tokens, a step over some of the rows copies those rows'
+    first 64 slots (the visible window), not all 200; once a row passes 64 tokens, 128."""
+    copies = []
+    rows = KVCache.rows
+    monkeypatch.setattr(KVCache, 'rows', lambda cache, index, visible = None: copies.append(rows(cache, index, visible).slots) or rows(cache, index, visible))
+    model = tiny_model().eval()
+    runner = decoding.CachedRunner(model, 2, 200, cuda_graphs = False)
+    for row, items in enumerate(sampling.model_items(model, [randint(0, 16, (5,)), randint(0, 16, (61,))])):
+        runner.prefill(row, items)
+    copies.clear()                                                  # prefill copies whole rows
+    runner.feed([0], [1])
+    runner.feed([1], [2])                                           # row 1: 62 -> 63 tokens
+    runner.feed([1], [3])                                           # 63 -> 64
+    runner.feed([1], [4])                                           # 64 -> 65: the next window
+    assert runner.lengths == [7, 65]
+    assert copies == [64, 64, 64, 128]
