@@ -85,3 +85,79 @@ def test_condition_dropout_drops_instances_at_the_configured_rate():
     dropped = isolated[torch.tensor(packed.instance_starts)]
     assert abs(dropped.float().mean() - 0.3) < 0.08, dropped.float().mean()
 
+
+# the consistency loss
+
+def record_predictions(module) -> list:
+    """Record (times, noise) of every `predict_packed` call of `module`, then run it."""
+    calls, original = [], module.predict_packed
+
+    def recorded(packed, times = None, noise = None):
+        calls.append((times.detach().clone(), [n.detach().clone() for n in noise]))
+        return original(packed, times, noise)
+
+    module.predict_packed = recorded
+    return calls
+
+
+def test_consistency_defaults_draw_times_below_one_minus_delta_and_gaussian_noise():
+    """Default draws: student times uniform in [0, 1 - delta], the EMA at exactly times + delta
+    (so never past t = 1, even for a large delta), both with the same standard normal noise."""
+    delta = 0.9
+    model = tiny_model()
+    ema = make_ema(model)
+    student, teacher = record_predictions(model), record_predictions(ema.module)
+    loss = consistency_flow_loss(model, ema, randn(40, 8, 4), modality_type = 1, delta = delta)
+    assert torch.isfinite(loss) and len(student) == len(teacher) == 1
+    (times, noise), (ema_times, ema_noise) = student[0], teacher[0]
+    assert times.shape == (40,) and ((times >= 0) & (times <= 1 - delta)).all()
+    assert times.max() > 0.5 * (1 - delta) > times.min()
+    torch.testing.assert_close(ema_times, times + delta)
+    assert (ema_times <= 1).all()
+    assert all(torch.equal(a, b) for a, b in zip(noise, ema_noise)) and len(noise) == 40
+    values = torch.cat([n.flatten() for n in noise])                 # 40 * 32 elements
+    assert abs(values.mean()) < 0.15 and abs(values.std() - 1) < 0.1, (values.mean(), values.std())
+    assert 0.4 < (values < 0).float().mean() < 0.6
+
+
+def test_consistency_averages_over_the_modalities_present_only():
+    """Only modality 1 present: the loss does not depend on the modalities' loss weights, and with
+    a constant-velocity head (zero weights, bias c) it is the closed form of that one modality,
+    mean((delta d - delta c)^2) with d = x1 - noise (f_s - f_e = -delta d + delta c, alpha = 0)."""
+    delta = 0.2
+    weighted = tiny_model(modality_loss_weight = (1., 3.))
+    with torch.no_grad():
+        for projection in weighted.modalities.projections:
+            projection.proj_out.weight.zero_()
+            projection.proj_out.bias.normal_()
+    plain = tiny_model()
+    plain.load_state_dict(weighted.state_dict())
+    data, noise, times = [randn(4, 4), randn(2, 4)], [randn(4, 4), randn(2, 4)], torch.tensor([.1, .5])
+    batch = [[randint(0, 16, (3,)), (1, data[0])], [(1, data[1])]]
+    losses = [consistency_flow_loss(m, m, batch, delta = delta, alpha = 0., times = times, noise = noise) for m in (weighted, plain)]
+    c = weighted.modalities.projections[1].proj_out.bias.detach()
+    expected = torch.cat([(delta * (x1 - n) - delta * c).flatten() for x1, n in zip(data, noise)]).pow(2).mean()
+    torch.testing.assert_close(losses[0], expected, rtol = 1e-4, atol = 1e-7)
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+class ModeRecordingEncoder(nn.Conv2d):
+    def __init__(self):
+        super().__init__(3, 8, 1)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return super().forward(x)
+
+
+def test_consistency_encodes_with_a_trainable_encoder_in_eval_mode_and_restores_it():
+    """A trainable encoder (train mode during training) runs in eval mode for the consistency
+    loss, as predict runs it, and is handed back in train mode."""
+    encoder = ModeRecordingEncoder()
+    model = tiny_model(dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                       modality_encoder = encoder, train_modality_encoders = True).train()
+    loss = consistency_flow_loss(model, make_ema(model), randn(2, 3, 2, 2), delta = 0.1)
+    assert torch.isfinite(loss)
+    assert encoder.modes == [False] and encoder.training and model.training
+
