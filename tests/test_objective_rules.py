@@ -161,3 +161,40 @@ def test_consistency_encodes_with_a_trainable_encoder_in_eval_mode_and_restores_
     assert torch.isfinite(loss)
     assert encoder.modes == [False] and encoder.training and model.training
 
+
+# the ODE solver's tolerances
+
+def test_adaptive_solver_applies_rtol_relative_and_atol_absolute():
+    """On values near 1e6, rtol = 1e-10 with atol = 1e-2 asks for a relative error near 1e-10
+    (rtol * |x| dominates): the solution is accurate to 1e-7. Swapped, the same numbers would
+    allow a relative error of 1e-2."""
+    x0 = 1e6 * (1 + torch.rand(4, dtype = torch.float64))
+    exact = x0 * math.exp(math.sin(6))
+    field = lambda t, x: 6 * torch.cos(6 * t) * x
+    tight = flow.integrate(field, x0, 1, 'dopri5', rtol = 1e-10, atol = 1e-2)
+    assert ((tight - exact).abs() / exact).max() < 1e-7
+    loose = flow.integrate(field, x0, 1, 'dopri5', rtol = 1e-2, atol = 1e-10)
+    assert ((loose - exact).abs() / exact).max() > 1e-6
+
+
+# the token layout under condition dropout
+
+def test_flex_pad_tokens_are_never_isolated_so_no_row_is_fully_masked():
+    """With conditions dropped (isolated latents) on the flex backend, the tile padding stays a
+    causal document of its own: pad rows are not isolated (an isolated pad, in no instance,
+    would see nothing), and the padded mask is the rule with isolated pads False."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from transfusion_pytorch.masks import AttentionRule
+    from transfusion_pytorch.token_layout import packed_transformer_inputs
+    model = tiny_model(transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, attention_backend = 'flex'))
+    packed = model.pack([[randint(0, 16, (3,)), randn(2, 3, 8)], [(1, randn(4, 4)), randint(0, 16, (2,))]])
+    isolated = packed.instance >= 0                                  # every instance's condition dropped
+    _, mask, _, instance, pad = packed_transformer_inputs(model, packed, isolated, None)
+    n = packed.length
+    assert pad > 0
+    allowed = create_mask(mask.block.mask_mod, None, None, n + pad, n + pad, device = 'cpu')[0, 0]
+    rule = AttentionRule(mask.document, instance, torch.cat((isolated, isolated.new_zeros(pad))))
+    assert torch.equal(allowed, rule.dense())
+    assert torch.equal(allowed[n:, n:], torch.ones(pad, pad, dtype = torch.bool).tril()) and not allowed[n:, :n].any()
+    assert allowed.any(-1).all()
