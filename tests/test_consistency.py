@@ -158,10 +158,7 @@ def test_consistency_loss_weighs_modalities_by_their_loss_weight():
     (zero weights, random bias) makes each part L_m a closed form of noise, data, times and c_m."""
     delta = 0.1
     model = tiny_model(modality_loss_weight = (1., 3.))
-    with torch.no_grad():
-        for projection in model.modalities.projections:
-            projection.proj_out.weight.zero_()
-            projection.proj_out.bias.normal_()
+    constant_velocity(model)
     shapes = [(0, (2, 3, 8)), (1, (4, 4))]
     noise = [randn(s) for _, s in shapes]
     data = [randn(s) for _, s in shapes]

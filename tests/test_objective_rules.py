@@ -25,6 +25,7 @@ from transfusion_pytorch.checkpoint import make_ema
 from transfusion_pytorch.consistency import consistency_flow_loss
 
 from conftest import tiny_model
+from test_consistency import constant_velocity
 
 
 # the flow loss
@@ -126,10 +127,7 @@ def test_consistency_averages_over_the_modalities_present_only():
     mean((delta d - delta c)^2) with d = x1 - noise (f_s - f_e = -delta d + delta c, alpha = 0)."""
     delta = 0.2
     weighted = tiny_model(modality_loss_weight = (1., 3.))
-    with torch.no_grad():
-        for projection in weighted.modalities.projections:
-            projection.proj_out.weight.zero_()
-            projection.proj_out.bias.normal_()
+    constant_velocity(weighted)
     plain = tiny_model()
     plain.load_state_dict(weighted.state_dict())
     data, noise, times = [randn(4, 4), randn(2, 4)], [randn(4, 4), randn(2, 4)], torch.tensor([.1, .5])
