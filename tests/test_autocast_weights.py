@@ -119,3 +119,19 @@ def test_cpu_biases_stay_fp32_parameters():
             assert layer.weight.dtype == torch.bfloat16
             if layer.bias is not None:
                 assert layer.bias is biases[id(layer)] and layer.bias.dtype == torch.float32
+
+
+def test_time_embedding_runs_in_fp32_under_autocast_with_its_own_weights():
+    """The time MLP runs outside autocast, on its fp32 parameters also while sampling casts the
+    other weights once: under bf16 autocast its embedding is exactly the fp32 one."""
+    model = randomized(tiny_model())
+    embedding = model.modalities.time_embedding
+    times = torch.rand(3)
+    expected = embedding(times)
+    seen = record_weight_dtypes(embedding.mlp[0])
+    with torch.autocast(**BF16):
+        out = embedding(times)
+        model.generate_modality_only(modality_steps = 2)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert len(seen) > 1 and all(d == torch.float32 and t is nn.Parameter for d, t in seen)
+    assert not any(layer in list(embedding.modules()) for layer in autocast_weights.own_linears(model))

@@ -16,7 +16,8 @@ On CPU the biases stay in fp32: compiled CPU code adds a bias apart from its pro
 autocast keeps its cast of a bias parameter for the whole region anyway.
 
 Only the package's own `nn.Linear` layers are swapped, never a user's encoder or decoder, which
-may read its weights in ways autocast does not cast. Parameters that are not plain fp32 tensors
+may read its weights in ways autocast does not cast, nor the time embedding's MLP, which runs
+outside autocast. Parameters that are not plain fp32 tensors
 (a model already in bf16, FSDP2's DTensors) are left alone.
 """
 from __future__ import annotations
@@ -39,9 +40,12 @@ def autocast_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def own_linears(model: nn.Module) -> Iterator[nn.Linear]:
-    """The model's nn.Linear layers outside the user's modality encoders and decoders."""
-    coders = {id(m) for part in (model.modalities.encoders, model.modalities.decoders) for m in part.modules()}
-    return (m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in coders)
+    """The model's nn.Linear layers outside the user's modality encoders and decoders and outside
+    the time embedding (whose MLP autocast does not cast: modality.TimeEmbedding)."""
+    modalities = model.modalities
+    parts = (modalities.encoders, modalities.decoders) + ((modalities.time_embedding,) if modalities.time_embedding is not None else ())
+    left_alone = {id(m) for part in parts for m in part.modules()}
+    return (m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in left_alone)
 
 
 def _plain_fp32(param: Tensor | None) -> bool:
