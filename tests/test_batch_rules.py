@@ -1,6 +1,7 @@
-"""Rules of batch.py that mutation testing found unpinned: every refusal names the sample, the
-item and what was expected (never an IndexError or AttributeError), and the accepted spellings of
-a batch (tuples, 0-d text) pack and sample as their canonical form."""
+"""Rules of batch.py and tokens.py that mutation testing found unpinned: every refusal names the
+sample, the item and what was expected (never an IndexError or AttributeError), the accepted
+spellings of a batch (tuples, 0-d text) pack and sample as their canonical form, and the
+vocabulary keeps its documented id layout."""
 from __future__ import annotations
 
 from typing import Callable
@@ -11,6 +12,7 @@ from torch import randint, randn
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.batch import PackedBatch
+from transfusion_pytorch.tokens import Vocabulary, min_instance_length
 
 from conftest import tiny_model
 
@@ -125,3 +127,27 @@ def test_an_id_beyond_the_vocabulary_on_cuda_raises_without_a_device_assert():
         model(batch)
     model([[randint(0, 16, (3,), device = 'cuda')]]).backward()   # the context is still usable
     torch.cuda.synchronize()
+
+
+def test_vocabulary_ids_follow_the_documented_layout():
+    """Text, ten digits, ',', ':', BOS, EOS, then begin/end per modality (tokens.py): saved
+    embeddings depend on it. Only begin ids read as a modality; only text ids are text."""
+    vocab = Vocabulary(16, 2)
+    assert vocab.digits == tuple(range(16, 26))
+    assert (vocab.axis_separator, vocab.shape_end, vocab.bos, vocab.eos) == (26, 27, 28, 29)
+    assert vocab.begin == (30, 32) and vocab.end == (31, 33) and vocab.size == 34
+    for token in range(-3, vocab.size + 4):
+        assert vocab.modality_of_begin(token) == {30: 0, 32: 1}.get(token), token
+        assert vocab.is_text(token) == (0 <= token < 16), token
+    free = vocab.free_text_ids()
+    assert len(free) == len(set(free)) and set(free) == set(range(16)) | {30, 32, 29}
+    assert vocab.shape_ids((3, 15)) == [19, 26, 17, 21, 27] and vocab.shape_ids(()) == [27]
+
+
+@pytest.mark.parametrize('shape_tokens', [True, False])
+def test_min_instance_length_of_a_fixed_shape_is_its_packed_length(shape_tokens):
+    """The fewest tokens of an instance of a fixed shape is what packing it takes (begin, shape
+    tokens unless they are off, latents, end)."""
+    model = tiny_model(add_modality_shape_tokens = shape_tokens)
+    sample_length = model.pack([[randn(2, 3, 8)]]).length
+    assert min_instance_length(2, shape_tokens, (2, 3)) == sample_length - 2 == (12 if shape_tokens else 8)   # less BOS and EOS
