@@ -1,7 +1,8 @@
-"""Rules of batch.py and tokens.py that mutation testing found unpinned: every refusal names the
-sample, the item and what was expected (never an IndexError or AttributeError), the accepted
-spellings of a batch (tuples, 0-d text) pack and sample as their canonical form, and the
-vocabulary keeps its documented id layout."""
+"""Rules of batch.py, tokens.py and config.py that mutation testing found unpinned: every refusal
+names the sample, the item and what was expected (never an IndexError or AttributeError), the
+accepted spellings of a batch (tuples, 0-d text) pack and sample as their canonical form, the
+vocabulary keeps its documented id layout, and the configuration refuses values just outside its
+ranges and accepts their bounds."""
 from __future__ import annotations
 
 from typing import Callable
@@ -10,8 +11,9 @@ import pytest
 import torch
 from torch import randint, randn
 
-from transfusion_pytorch import Transfusion
+from transfusion_pytorch import Transfusion, TransfusionConfig
 from transfusion_pytorch.batch import PackedBatch
+from transfusion_pytorch.config import TransformerConfig
 from transfusion_pytorch.tokens import Vocabulary, min_instance_length
 
 from conftest import tiny_model
@@ -151,3 +153,48 @@ def test_min_instance_length_of_a_fixed_shape_is_its_packed_length(shape_tokens)
     model = tiny_model(add_modality_shape_tokens = shape_tokens)
     sample_length = model.pack([[randn(2, 3, 8)]]).length
     assert min_instance_length(2, shape_tokens, (2, 3)) == sample_length - 2 == (12 if shape_tokens else 8)   # less BOS and EOS
+
+
+BASE = dict(num_text_tokens = 16, dim_latent = 8, transformer = SMALL)
+BAD_CONFIGURATIONS = [
+    (dict(transformer = {**SMALL, 'depth': True}), 'transformer.depth must be a positive int, got True'),
+    (dict(text_loss_weight = -1.), 'text_loss_weight must be a finite non-negative number, got -1.0'),
+    (dict(flow_loss_weight = -.5), 'flow_loss_weight must be a finite non-negative number, got -0.5'),
+    (dict(transformer = {**SMALL, 'dropout': 1.}), 'transformer.dropout must be in [0, 1), got 1.0'),
+    (dict(condition_dropout = 1.), 'condition_dropout must be in [0, 1), got 1.0'),
+    (dict(transformer = {**SMALL, 'dim_head': 15}), 'transformer.dim_head must be even for rotary positions, got 15'),
+    (dict(transformer = {**SMALL, 'ff_mult': -2}), 'transformer.ff_mult must be a positive number, got -2'),
+    (dict(transformer = {**SMALL, 'rotary_theta': 0}), 'transformer.rotary_theta must be a positive number, got 0'),
+    (dict(transformer = {**SMALL, 'attention_backend': 'xformers'}),
+     "transformer.attention_backend must be 'auto', 'sdpa' or 'flex', got 'xformers'"),
+    (dict(transformer = {**SMALL, 'depth': 3, 'unet_skips': True}), 'transformer.unet_skips needs an even depth, got depth=3'),
+    (dict(modality_default_shape = (2, 0)), 'modality_default_shape must be a tuple of positive ints, got (2, 0)'),
+    (dict(modality_loss_weight = 0), 'modality loss_weight must be a positive number, got 0'),
+    (dict(modality_default_shape = (4,), modality_downsample = 0), 'modality_downsample must be a positive int, got 0'),
+    (dict(modality_default_shape = (2, 2), axial_rotary = True, transformer = {**SMALL, 'dim_head': 4}),
+     'axial_rotary splits the dim_head / 2 rotary frequencies into 1 + 2 sections: dim_head must be at least 6'),
+    (dict(modality_default_shape = (10,), max_shape_value = 9), 'modality 0 default shape (10,) exceeds max_shape_value=9'),
+    (dict(alibi_heads = 1.5), 'alibi_heads must be an int in [0, heads=2], got 1.5'),
+    (dict(dim_latent = None, channel_first_latent = True),
+     "['channel_first_latent'] describe modalities, but there are none: pass dim_latent (one per modality)"),
+    (dict(dim_latent = ()), 'dim_latent must not be empty'),
+    (dict(text_los_weight = 2.), "unknown Transfusion options ['text_los_weight']"),
+]
+
+
+@pytest.mark.parametrize('kwargs, message', BAD_CONFIGURATIONS)
+def test_configuration_just_outside_its_range_is_refused_with_the_reason(kwargs, message):
+    with pytest.raises(ValueError) as refused:
+        Transfusion(**{**BASE, **kwargs})
+    assert str(refused.value) == message
+
+
+def test_configuration_bounds_are_inclusive():
+    """dim_head exactly 2 * (1 + axes) for axial rotary, a default axis exactly max_shape_value."""
+    Transfusion(**{**BASE, 'modality_default_shape': (2, 2), 'axial_rotary': True, 'transformer': {**SMALL, 'dim_head': 6}})
+    Transfusion(**{**BASE, 'modality_default_shape': (9,), 'max_shape_value': 9})
+
+
+def test_a_config_refuses_modalities_that_are_not_modality_configs():
+    with pytest.raises(ValueError, match = '^modalities must be ModalityConfig instances$'):
+        TransfusionConfig(num_text_tokens = 16, transformer = TransformerConfig(**SMALL), modalities = ({'dim_latent': 8},))
