@@ -175,6 +175,7 @@ BAD_CONFIGURATIONS = [
      'axial_rotary splits the dim_head / 2 rotary frequencies into 1 + 2 sections: dim_head must be at least 6'),
     (dict(modality_default_shape = (10,), max_shape_value = 9), 'modality 0 default shape (10,) exceeds max_shape_value=9'),
     (dict(alibi_heads = 1.5), 'alibi_heads must be an int in [0, heads=2], got 1.5'),
+    (dict(alibi_heads = True), 'alibi_heads must be an int in [0, heads=2], got True'),   # not a switch: True would mean one head
     (dict(dim_latent = None, channel_first_latent = True),
      "['channel_first_latent'] describe modalities, but there are none: pass dim_latent (one per modality)"),
     (dict(dim_latent = ()), 'dim_latent must not be empty'),

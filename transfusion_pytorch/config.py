@@ -242,7 +242,7 @@ class TransfusionConfig:
         _require(self.time_conditioning in ('additive', 'adaptive'), f"time_conditioning must be 'additive' or 'adaptive', got {self.time_conditioning!r}")
         _require(_is_probability(self.condition_dropout), f'condition_dropout must be in [0, 1), got {self.condition_dropout!r}')
         _require(_is_positive_int(self.max_shape_value), f'max_shape_value must be a positive int, got {self.max_shape_value!r}')
-        _require(isinstance(self.alibi_heads, int) and 0 <= self.alibi_heads <= self.transformer.heads,
+        _require(isinstance(self.alibi_heads, int) and not isinstance(self.alibi_heads, bool) and 0 <= self.alibi_heads <= self.transformer.heads,
                  f'alibi_heads must be an int in [0, heads={self.transformer.heads}], got {self.alibi_heads!r}')
         _require(not self.axial_rotary or all(m.num_axes is not None for m in self.modalities),
                  'axial_rotary needs every modality\'s number of axes: give each a modality_default_shape')
