@@ -133,16 +133,13 @@ def test_an_id_beyond_the_vocabulary_on_cuda_raises_without_a_device_assert():
 
 def test_vocabulary_ids_follow_the_documented_layout():
     """Text, ten digits, ',', ':', BOS, EOS, then begin/end per modality (tokens.py): saved
-    embeddings depend on it. Only begin ids read as a modality; only text ids are text."""
+    embeddings depend on it. Only begin ids read as a modality."""
     vocab = Vocabulary(16, 2)
     assert vocab.digits == tuple(range(16, 26))
     assert (vocab.axis_separator, vocab.shape_end, vocab.bos, vocab.eos) == (26, 27, 28, 29)
     assert vocab.begin == (30, 32) and vocab.end == (31, 33) and vocab.size == 34
     for token in range(-3, vocab.size + 4):
         assert vocab.modality_of_begin(token) == {30: 0, 32: 1}.get(token), token
-        assert vocab.is_text(token) == (0 <= token < 16), token
-    free = vocab.free_text_ids()
-    assert len(free) == len(set(free)) and set(free) == set(range(16)) | {30, 32, 29}
     assert vocab.shape_ids((3, 15)) == [19, 26, 17, 21, 27] and vocab.shape_ids(()) == [27]
 
 

@@ -41,9 +41,6 @@ class Vocabulary:
         self.end = tuple(self.eos + 2 + 2 * m for m in range(num_modalities))
         self.size = self.eos + 1 + 2 * num_modalities
 
-    def is_text(self, token: int) -> bool:
-        return 0 <= token < self.num_text_tokens
-
     def modality_of_begin(self, token: int) -> int | None:
         """The modality index if `token` is a begin token, else None."""
         offset = token - self.eos - 1
@@ -57,10 +54,6 @@ class Vocabulary:
                 ids.append(self.axis_separator)
             ids.extend(self.digits[int(char)] for char in str(axis))
         return ids + [self.shape_end]
-
-    def free_text_ids(self) -> list[int]:
-        """Tokens that may follow text: text, a begin token, or EOS."""
-        return list(range(self.num_text_tokens)) + list(self.begin) + [self.eos]
 
 
 @dataclass
