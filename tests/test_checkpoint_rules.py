@@ -2,8 +2,11 @@
 mutation review found no test holding: each test here fails when one of those rules is broken."""
 from __future__ import annotations
 
+import collections
+import enum
 import json
 import stat
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -177,6 +180,42 @@ def test_extra_keys_must_be_strings_or_ints_and_none_round_trips(tmp_path: Path)
         save_training_state(tmp_path, run.model, run.optimizer, step = 2, extra = {'runs': {Path('a'): 1}})
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert load_training_state(tmp_path, run.model, run.optimizer).extra == extra
+
+
+class Mode(str, enum.Enum):
+    """A str subclass: pickled as its class, which weights_only loading refuses."""
+    TRAIN = 'train'
+
+
+Point = collections.namedtuple('Point', 'x y')
+
+
+@pytest.mark.parametrize('value, named', [
+    (Point(1, 2), r"extra\['v'\]: .*Point cannot be loaded back safely"),
+    (collections.defaultdict(list, a = [1]), r"extra\['v'\]: collections.defaultdict cannot be loaded back safely"),
+    ({Mode.TRAIN: 1}, r"extra\['v'\]: keys must be strings or ints, got Mode"),
+], ids = ['namedtuple', 'defaultdict', 'enum_key'])
+def test_subclasses_of_plain_containers_and_keys_are_refused_before_anything_is_written(tmp_path: Path, value, named: str):
+    """They pass an isinstance check but pickle as their own class: saved, they would replace a
+    good checkpoint with one that weights_only loading refuses."""
+    run = training_run(make_model())
+    save_training_state(tmp_path, run.model, run.optimizer, step = 1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(TypeError, match = named):
+        save_training_state(tmp_path, run.model, run.optimizer, step = 2, extra = {'v': value})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert load_training_state(tmp_path, run.model, run.optimizer).step == 1
+
+
+def test_the_containers_weights_only_loading_rebuilds_are_kept():
+    """OrderedDict (any state_dict()) and Counter load back as themselves."""
+    run = training_run(make_model())
+    extra = {'teacher': collections.OrderedDict(w = torch.ones(2)), 'seen': collections.Counter('aab'), True: (1, [2.5])}
+    with tempfile.TemporaryDirectory() as directory:
+        save_training_state(directory, run.model, run.optimizer, step = 0, extra = extra)
+        loaded = load_training_state(directory, run.model, run.optimizer).extra
+    assert type(loaded['teacher']) is collections.OrderedDict and torch.equal(loaded['teacher']['w'], torch.ones(2))
+    assert type(loaded['seen']) is collections.Counter and loaded['seen'] == extra['seen'] and loaded[True] == (1, [2.5])
 
 
 def test_a_bool_step_is_refused_on_saving(tmp_path: Path):

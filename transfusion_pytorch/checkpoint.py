@@ -24,6 +24,7 @@ FSDP2-sharded model and optimizer are gathered for saving and scattered on loadi
 from __future__ import annotations
 
 import os
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -207,17 +208,20 @@ class TrainingState:
 
 
 _PLAIN = (str, int, float, bool, type(None))
+# the mappings torch.load(weights_only=True) rebuilds; exact types throughout: a subclass (a
+# namedtuple, a defaultdict, an enum key) is pickled as its own class, which it refuses
+_MAPPINGS = (dict, OrderedDict, Counter)
 
 
 def _check_plain(value, where: str) -> None:
     """`extra` holds tensors and plain containers only: anything else could be saved but not
     loaded with weights_only=True, and the save would have replaced a good checkpoint."""
-    if isinstance(value, dict):
+    if type(value) in _MAPPINGS:
         for key, item in value.items():
-            if not isinstance(key, (str, int)):
+            if type(key) not in (str, int, bool):
                 raise TypeError(f'{where}: keys must be strings or ints, got {type(key).__name__}')
             _check_plain(item, f'{where}[{key!r}]')
-    elif isinstance(value, (list, tuple)):
+    elif type(value) in (list, tuple):
         for index, item in enumerate(value):
             _check_plain(item, f'{where}[{index}]')
     elif not isinstance(value, torch.Tensor) and type(value) not in _PLAIN:    # exact types: np.float64 is a float
