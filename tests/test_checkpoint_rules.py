@@ -6,7 +6,6 @@ import collections
 import enum
 import json
 import stat
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +30,7 @@ def state_of(module: nn.Module) -> dict:
 
 
 def same_state(module: nn.Module, state: dict) -> bool:
+    """Whether `module` holds exactly `state`: the same keys, bitwise-equal tensors."""
     current = module.state_dict()
     return current.keys() == state.keys() and all(torch.equal(current[k], v) for k, v in state.items())
 
@@ -43,6 +43,7 @@ def edit_manifest(directory: Path, edit: Callable[[dict], object], name: str = '
 
 
 def payload_path(directory: Path, name: str = 'config.json') -> Path:
+    """The payload file the manifest `name` in `directory` names."""
     return directory / json.loads((directory / name).read_text())['payload']['name']
 
 
@@ -64,6 +65,7 @@ def coder_model(seed: int, train_encoders: bool = False) -> Transfusion:
 
 
 def is_coder_key(key: str) -> bool:
+    """Whether a state key belongs to a user's encoder or decoder (also under an EMA's `module.`)."""
     return 'modalities.encoders.' in key or 'modalities.decoders.' in key
 
 
@@ -207,13 +209,12 @@ def test_subclasses_of_plain_containers_and_keys_are_refused_before_anything_is_
     assert load_training_state(tmp_path, run.model, run.optimizer).step == 1
 
 
-def test_the_containers_weights_only_loading_rebuilds_are_kept():
+def test_the_containers_weights_only_loading_rebuilds_are_kept(tmp_path: Path):
     """OrderedDict (any state_dict()) and Counter load back as themselves."""
     run = training_run(make_model())
     extra = {'teacher': collections.OrderedDict(w = torch.ones(2)), 'seen': collections.Counter('aab'), True: (1, [2.5])}
-    with tempfile.TemporaryDirectory() as directory:
-        save_training_state(directory, run.model, run.optimizer, step = 0, extra = extra)
-        loaded = load_training_state(directory, run.model, run.optimizer).extra
+    save_training_state(tmp_path, run.model, run.optimizer, step = 0, extra = extra)
+    loaded = load_training_state(tmp_path, run.model, run.optimizer).extra
     assert type(loaded['teacher']) is collections.OrderedDict and torch.equal(loaded['teacher']['w'], torch.ones(2))
     assert type(loaded['seen']) is collections.Counter and loaded['seen'] == extra['seen'] and loaded[True] == (1, [2.5])
 
