@@ -346,3 +346,14 @@ def test_compile_step_is_honoured_after_an_eager_call():
     model = text_model()
     for compile_step in (False, True, False):
         assert text_decoder(model, 2, 8, compile_step).compiled == compile_step
+
+
+def test_float64_model_under_autocast_decodes_with_a_float64_cache():
+    """Autocast never casts float64, so a float64 model's attention computes in float64 under
+    bf16 autocast and its KV cache must too: cached decoding gives the uncached tokens."""
+    model = text_model().double()
+    prompt = torch.randint(0, 16, (2, 3))
+    with torch.autocast('cpu', dtype = torch.bfloat16):
+        cached = model.generate_text_only(prompt, 12, temperature = 0., cache_kv = True)
+        uncached = model.generate_text_only(prompt, 12, temperature = 0., cache_kv = False)
+    assert torch.equal(cached, uncached)

@@ -29,11 +29,12 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch: int, slots: int) -> 'KVCache':
         """A cache shaped for `model`'s transformer, in the dtype attention will compute in
-        (the autocast dtype when autocast is on for the model's device)."""
+        (the autocast dtype when autocast is on for the model's device, unless the model is in
+        float64, which autocast never casts)."""
         config = model.transformer.config
         device = model.device
         dtype = model.token_embedding.weight.dtype
-        if torch.is_autocast_enabled(device.type):
+        if torch.is_autocast_enabled(device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(device.type)
         return cls(config.depth, batch, config.heads, slots, config.dim_head, device, dtype)
 
