@@ -121,17 +121,24 @@ def test_cpu_biases_stay_fp32_parameters():
                 assert layer.bias is biases[id(layer)] and layer.bias.dtype == torch.float32
 
 
-def test_time_embedding_runs_in_fp32_under_autocast_with_its_own_weights():
-    """The time MLP runs outside autocast, on its fp32 parameters also while sampling casts the
-    other weights once: under bf16 autocast its embedding is exactly the fp32 one."""
+def test_time_mlp_and_latent_projections_run_in_fp32_under_autocast_with_their_own_weights():
+    """The time MLP and the latent projections in and out run outside autocast, on their fp32
+    parameters also while sampling casts the other weights once: under bf16 autocast their
+    outputs are exactly the fp32 ones, the velocity included."""
     model = randomized(tiny_model())
-    embedding = model.modalities.time_embedding
-    times = torch.rand(3)
-    expected = embedding(times)
-    seen = record_weight_dtypes(embedding.mlp[0])
+    modalities = model.modalities
+    parts = modalities.projections[0]
+    times, latents, hidden = torch.rand(3), randn(3, 2, 8), randn(3, 2, model.config.transformer.dim)
+    run = lambda: (modalities.time_embedding(times), modalities.embed(0, latents, (2,), 0.), modalities.velocity(0, hidden, latents, (2,)))
+    expected = run()
+    seen = {name: record_weight_dtypes(layer) for name, layer in
+            (('time', modalities.time_embedding.mlp[0]), ('in', parts.proj_in), ('out', parts.proj_out))}
     with torch.autocast(**BF16):
-        out = embedding(times)
+        outs = run()
         model.generate_modality_only(modality_steps = 2)
-    assert out.dtype == torch.float32 and torch.equal(out, expected)
-    assert len(seen) > 1 and all(d == torch.float32 and t is nn.Parameter for d, t in seen)
-    assert not any(layer in list(embedding.modules()) for layer in autocast_weights.own_linears(model))
+    for out, want in zip(outs, expected):
+        assert out.dtype == torch.float32 and torch.equal(out, want)
+    for name, dtypes in seen.items():
+        assert len(dtypes) > 1 and all(d == torch.float32 and t is nn.Parameter for d, t in dtypes), name
+    full_precision = {id(m) for part in (modalities.time_embedding, parts) for m in part.modules()}
+    assert not any(id(layer) in full_precision for layer in autocast_weights.own_linears(model))
