@@ -140,5 +140,6 @@ def test_time_mlp_and_latent_projections_run_in_fp32_under_autocast_with_their_o
         assert out.dtype == torch.float32 and torch.equal(out, want)
     for name, dtypes in seen.items():
         assert len(dtypes) > 1 and all(d == torch.float32 and t is nn.Parameter for d, t in dtypes), name
-    full_precision = {id(m) for part in (modalities.time_embedding, parts) for m in part.modules()}
+    full_precision = {id(m) for part in (modalities.time_embedding, modalities.projections) for m in part.modules() if isinstance(m, nn.Linear)}
+    assert {id(layer) for layer in modalities.full_precision_layers()} == full_precision
     assert not any(id(layer) in full_precision for layer in autocast_weights.own_linears(model))

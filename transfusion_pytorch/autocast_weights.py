@@ -17,8 +17,8 @@ autocast keeps its cast of a bias parameter for the whole region anyway.
 
 Only the package's own `nn.Linear` layers are swapped, never a user's encoder or decoder, which
 may read its weights in ways autocast does not cast, nor the time MLP and the latent projections,
-which run outside autocast. Parameters that are not plain fp32 tensors
-(a model already in bf16, FSDP2's DTensors) are left alone.
+which run outside autocast. Parameters that are not plain fp32 tensors (a model already in bf16,
+FSDP2's DTensors) are left alone.
 """
 from __future__ import annotations
 
@@ -40,12 +40,11 @@ def autocast_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def own_linears(model: nn.Module) -> Iterator[nn.Linear]:
-    """The model's nn.Linear layers outside the user's modality encoders and decoders, the time
-    embedding and the latent projections (which run outside autocast: modality.full_precision_linear)."""
+    """The model's nn.Linear layers but the user's modality encoders and decoders and the layers
+    that run outside autocast (modality.full_precision_linear)."""
     modalities = model.modalities
-    parts = (modalities.encoders, modalities.decoders) + ((modalities.time_embedding,) if modalities.time_embedding is not None else ())
-    parts += tuple(layer for p in modalities.projections if p.unet is None for layer in (p.proj_in, p.proj_out))
-    left_alone = {id(m) for part in parts for m in part.modules()}
+    left_alone = {id(m) for part in (modalities.encoders, modalities.decoders) for m in part.modules()}
+    left_alone |= {id(layer) for layer in modalities.full_precision_layers()}
     return (m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in left_alone)
 
 

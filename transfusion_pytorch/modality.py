@@ -165,6 +165,11 @@ class Modalities(nn.Module):
                 outputs[p] = latent
         return outputs
 
+    def full_precision_layers(self) -> list[nn.Linear]:
+        """The layers run by full_precision_linear: the time MLP and the latent projections."""
+        time_mlp = [m for m in self.time_embedding.mlp if isinstance(m, nn.Linear)] if self.time_embedding is not None else []
+        return time_mlp + [layer for p in self.projections if p.unet is None for layer in (p.proj_in, p.proj_out)]
+
     def decode(self, modality: int, latents: Tensor) -> Tensor:
         """Float['b ...'] latents in the user's layout -> decoded data (identity without a decoder)."""
         if not self.has_decoder[modality]:
