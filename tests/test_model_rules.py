@@ -269,3 +269,17 @@ def test_only_the_configured_heads_get_alibi_slopes(alibi_heads: int, expected: 
     model = tiny_model(alibi_heads = alibi_heads)
     torch.testing.assert_close(model.alibi_slopes, torch.tensor(expected), rtol = 0, atol = 0)
 
+
+# a model in another dtype
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float64])
+def test_predict_of_a_unet_model_in_another_dtype_matches_its_loss(dtype: torch.dtype):
+    """A U-Net modality re-reads the network input x_t for its skip path: predict must hand it
+    over in the model's dtype, as the loss does (fp32 data into a bf16 model raised a dtype
+    mismatch in predict only). The flow loss equals the MSE of predict's velocities."""
+    model = tiny_model(modality_downsample = (2, 1), modality_default_shape = ((2, 4), (3,))).to(dtype).eval()
+    batch, times, noise = [[randint(0, 16, (3,)), randn(2, 4, 8)]], torch.tensor([.3]), [randn(2, 4, 8)]
+    prediction = model.predict(batch, times, noise)
+    _, parts = model(batch, times = times, noise = noise, return_breakdown = True)
+    mse = torch.nn.functional.mse_loss(prediction.velocities[0].float(), prediction.targets[0].float())
+    torch.testing.assert_close(parts.flow_per_modality[0].float(), mse)

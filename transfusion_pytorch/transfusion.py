@@ -216,7 +216,9 @@ class Transfusion(nn.Module):
             times, group_noise, _ = objective.draw(self, packed, times, noise)
             noised_inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
             hidden = self.packed_hidden(packed, noised_inputs, times)
-            velocities = [self.modalities.velocity_group(g.modality, hidden[g.index], x_t, g.shapes) for g, x_t in zip(packed.groups, noised_inputs)]
+            # x_t in the model's dtype, as the loss passes it: a U-Net re-reads it for its skip path
+            velocities = [self.modalities.velocity_group(g.modality, hidden[g.index], x_t.to(hidden.dtype), g.shapes)
+                          for g, x_t in zip(packed.groups, noised_inputs)]
         logits = self.to_logits(hidden)
         token_ids = packed.token_ids.masked_fill(packed.instance >= 0, -1)
         per_instance = lambda tensors: self._split_instances(packed, tensors)
