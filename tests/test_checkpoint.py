@@ -183,9 +183,10 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', payload_path(tmp_path).name]
 
 
-def test_ema_helper_averages_exponentially():
+@pytest.mark.parametrize('decay, moved', [(0.9, 0.1), (None, 0.001)], ids = ['decay_0.9', 'default_0.999'])
+def test_ema_helper_averages_exponentially(decay, moved):
     model = tiny_model()
-    ema = make_ema(model, decay = 0.9)
+    ema = make_ema(model) if decay is None else make_ema(model, decay = decay)
     ema.update_parameters(model)                     # the first update copies
     before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
@@ -193,7 +194,7 @@ def test_ema_helper_averages_exponentially():
             p.add_(1.)
     ema.update_parameters(model)
     for averaged, old in zip(ema.module.parameters(), before):
-        torch.testing.assert_close(averaged, old + 0.1)
+        torch.testing.assert_close(averaged, old + moved, rtol = 0, atol = 1e-5)
 
 
 def test_training_state_restores_everything_and_rng(tmp_path):

@@ -158,19 +158,6 @@ def test_a_compiled_model_saves_and_averages_like_the_plain_one(tmp_path: Path):
     assert same_state(plain.ema, state_of(ema))
 
 
-def test_make_ema_default_decay_is_0_999():
-    model = tiny_model()
-    ema = make_ema(model)
-    ema.update_parameters(model)                 # the first update copies
-    before = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.)
-    ema.update_parameters(model)
-    for averaged, old in zip(ema.module.parameters(), before):
-        torch.testing.assert_close(averaged, old + 0.001, rtol = 0, atol = 1e-5)
-
-
 # training states
 
 def test_extra_keys_must_be_strings_or_ints_and_none_round_trips(tmp_path: Path):
