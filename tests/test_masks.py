@@ -134,8 +134,9 @@ def test_block_mask_tiles_are_sound_for_any_instance_numbering(seed, bidirection
 
 @pytest.mark.parametrize('seed', range(3))
 def test_sample_by_sample_attention_equals_whole_sequence_attention(seed):
-    """The dense backend's per-sample rows (no scores across samples) give the same outputs as
-    one dense mask over the whole packed sequence, ALiBi included."""
+    """The dense backend's per-sample rows (no scores across samples) give the same outputs, and
+    the same gradients for queries, keys and values (moved by gathers both ways, not autograd's
+    scatter-add), as one dense mask over the whole packed sequence, ALiBi included."""
     from transfusion_pytorch.masks import Segments, alibi_slopes, segmented_mask
     document, instance, isolated = random_layout(seed, samples = 4)
     coords = torch.randint(0, 5, (len(document), 2))
@@ -147,10 +148,15 @@ def test_sample_by_sample_attention_equals_whole_sequence_attention(seed):
         start += length
     segments = Segments.from_slices(slices, 'cpu')
     q, k, v = torch.randn(3, 1, 2, len(document), 8).unbind(0)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    upstream = torch.randn_like(q)
     whole = attend(q, k, v, mask_for_rule(rule, 'sdpa'))
+    whole_grads = torch.autograd.grad(whole, (q, k, v), upstream)
     rows = segmented_mask(rule, segments)
     by_sample = segments.scatter(attend(segments.gather(q), segments.gather(k), segments.gather(v), rows))
     torch.testing.assert_close(by_sample, whole, atol = 1e-5, rtol = 1e-5)
+    for got, expected in zip(torch.autograd.grad(by_sample, (q, k, v), upstream), whole_grads):
+        torch.testing.assert_close(got, expected, atol = 1e-5, rtol = 1e-5)
     assert rows.dense.shape[-1] == max(b - a for a, b in slices) < len(document)
 
 

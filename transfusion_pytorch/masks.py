@@ -60,16 +60,25 @@ class AttentionMask:
 @dataclass
 class Segments:
     """index: Int['b L'] packed position of each slot of each sample's row (padding repeats the
-    sample's first token); keep: Int['n'] flat row slots holding real tokens, in packed order."""
+    sample's first token); keep: Int['n'] flat row slots holding real tokens, in packed order;
+    source: Int['b L'] flattened, the packed position of each slot, n for padding.
+
+    Autograd's backward of an index is a scatter-add, which compiled CPU code runs with an atomic
+    add per element (a third of a CPU training step's attention backward). Both directions here
+    are gathers instead (`_PackedToRows`, `_RowsToPacked`): every real token has one slot, and
+    padding slots get exactly zero gradient, since scatter drops their outputs and no real query
+    sees them."""
     index: Tensor
     keep: Tensor
+    source: Tensor
 
     @classmethod
     def from_slices(cls, slices: list[tuple[int, int]], device) -> 'Segments':
-        width = max(b - a for a, b in slices)
+        width, length = max(b - a for a, b in slices), slices[-1][1]
         index = [[a + j if a + j < b else a for j in range(width)] for a, b in slices]
         keep = [row * width + j for row, (a, b) in enumerate(slices) for j in range(b - a)]
-        return cls(torch.tensor(index, device = device), torch.tensor(keep, device = device))
+        source = [a + j if a + j < b else length for a, b in slices for j in range(width)]
+        return cls(*(torch.tensor(t, device = device) for t in (index, keep, source)))
 
     @property
     def valid(self) -> Tensor:
@@ -79,11 +88,43 @@ class Segments:
 
     def gather(self, x: Tensor) -> Tensor:
         """Float['1 h n e'] packed -> Float['b h L e'] one row per sample."""
-        return rearrange(x[0][:, self.index], 'h b l e -> b h l e')
+        rows = _PackedToRows.apply(x[0], self.index.reshape(-1), self.keep)
+        return rearrange(rows, 'h (b l) e -> b h l e', b = self.index.shape[0])
 
     def scatter(self, x: Tensor) -> Tensor:
         """Float['b h L e'] rows -> Float['1 h n e'] packed."""
-        return rearrange(x, 'b h l e -> h (b l) e')[:, self.keep][None]
+        return _RowsToPacked.apply(rearrange(x, 'b h l e -> h (b l) e'), self.source, self.keep)[None]
+
+
+class _PackedToRows(torch.autograd.Function):
+    """Float['h n e'] -> Float['h s e'] at slots' positions Int['s']; the gradient reads each real
+    token's slot (`keep`) and drops padding's, which is zero (see Segments)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, keep: Tensor) -> Tensor:
+        ctx.save_for_backward(keep)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        keep, = ctx.saved_tensors
+        return grad.index_select(1, keep), None, None
+
+
+class _RowsToPacked(torch.autograd.Function):
+    """Float['h s e'] -> Float['h n e'], the real tokens' slots; the gradient is the packed one
+    moved back to the slots, zero in padding (`source` = n there)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, source: Tensor, keep: Tensor) -> Tensor:
+        ctx.save_for_backward(source)
+        return rows.index_select(1, keep)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        source, = ctx.saved_tensors
+        padded = torch.cat((grad, grad.new_zeros(grad.shape[0], 1, grad.shape[2])), dim = 1)
+        return padded.index_select(1, source), None, None
 
 
 class AttentionRule:
