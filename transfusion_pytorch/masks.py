@@ -65,7 +65,7 @@ class Segments:
 
     Autograd's backward of an index is a scatter-add, which compiled CPU code runs with an atomic
     add per element (a third of a CPU training step's attention backward). Both directions here
-    are gathers instead (`_PackedToRows`, `_RowsToPacked`): every real token has one slot, and
+    backpropagate by gathers instead (`_SelectMovingBack`): every real token has one slot, and
     padding slots get exactly zero gradient, since scatter drops their outputs and no real query
     sees them."""
     index: Tensor
@@ -88,43 +88,32 @@ class Segments:
 
     def gather(self, x: Tensor) -> Tensor:
         """Float['1 h n e'] packed -> Float['b h L e'] one row per sample."""
-        rows = _PackedToRows.apply(x[0], self.index.reshape(-1), self.keep)
+        rows = _SelectMovingBack.apply(x[0], self.index.reshape(-1), self.keep, False)
         return rearrange(rows, 'h (b l) e -> b h l e', b = self.index.shape[0])
 
     def scatter(self, x: Tensor) -> Tensor:
         """Float['b h L e'] rows -> Float['1 h n e'] packed."""
-        return _RowsToPacked.apply(rearrange(x, 'b h l e -> h (b l) e'), self.source, self.keep)[None]
+        return _SelectMovingBack.apply(rearrange(x, 'b h l e -> h (b l) e'), self.keep, self.source, True)[None]
 
 
-class _PackedToRows(torch.autograd.Function):
-    """Float['h n e'] -> Float['h s e'] at slots' positions Int['s']; the gradient reads each real
-    token's slot (`keep`) and drops padding's, which is zero (see Segments)."""
+class _SelectMovingBack(torch.autograd.Function):
+    """x.index_select(1, index) for Float['h m e'] -> Float['h s e'], whose gradient moves back
+    by a gather too: `back` Int['m'] gives the output position each input row's gradient comes
+    from, or s (past the end, only with `zero_past_end`) for a zero gradient. Exact when every
+    input row is read at most once apart from reads whose gradient is zero (Segments' padding)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, keep: Tensor) -> Tensor:
-        ctx.save_for_backward(keep)
+    def forward(ctx, x: Tensor, index: Tensor, back: Tensor, zero_past_end: bool) -> Tensor:
+        ctx.save_for_backward(back)
+        ctx.zero_past_end = zero_past_end
         return x.index_select(1, index)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        keep, = ctx.saved_tensors
-        return grad.index_select(1, keep), None, None
-
-
-class _RowsToPacked(torch.autograd.Function):
-    """Float['h s e'] -> Float['h n e'], the real tokens' slots; the gradient is the packed one
-    moved back to the slots, zero in padding (`source` = n there)."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, source: Tensor, keep: Tensor) -> Tensor:
-        ctx.save_for_backward(source)
-        return rows.index_select(1, keep)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        source, = ctx.saved_tensors
-        padded = torch.cat((grad, grad.new_zeros(grad.shape[0], 1, grad.shape[2])), dim = 1)
-        return padded.index_select(1, source), None, None
+        back, = ctx.saved_tensors
+        if ctx.zero_past_end:
+            grad = torch.cat((grad, grad.new_zeros(grad.shape[0], 1, grad.shape[2])), dim = 1)
+        return grad.index_select(1, back), None, None, None
 
 
 class AttentionRule:
