@@ -116,7 +116,12 @@ class Attention(nn.Module):
         values = v
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(torch.stack((q, k)), *rotary).unbind(0)   # one rotation for both
+        if torch.compiler.is_compiling():
+            # each rotation fuses with its read of the projection; a stack would first copy q and
+            # k out (compiled CPU text step, 4 x 512 tokens: its rotary kernels 6.9 -> 3.9-4.5 ms a step)
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        else:
+            q, k = apply_rotary(torch.stack((q, k)), *rotary).unbind(0)   # eager: one rotation's kernels for both
 
         if cache is not None:
             k, v = write_to_cache(cache, k, v)
