@@ -64,7 +64,8 @@ class Segments:
     source: Int['b L'] flattened, the packed position of each slot, n for padding.
 
     Autograd's backward of an index is a scatter-add, which compiled CPU code runs with an atomic
-    add per element (a third of a CPU training step's attention backward). Both directions here
+    add per element (5.7 ms per layer in a CPU mixed training step of 4 x 416 tokens, against
+    1.3-1.5 ms for the gathers, profiler). Both directions here
     backpropagate by gathers instead (`_SelectMovingBack`): every real token has one slot, and
     padding slots get exactly zero gradient, since scatter drops their outputs and no real query
     sees them."""
