@@ -13,7 +13,10 @@ Records every matrix product (aten mm / addmm / bmm / baddbmm) that one eager ca
   allocation, a few microseconds, so this is the speed of PyTorch's CPU kernels at these
   shapes rather than a strict floor;
 - divides the products' FLOPs by the machine's square-matmul rate (fp32 2048^3, measured here):
-  the time they would take if they ran at that rate, which small products do not reach.
+  the time they would take if they ran at that rate, which small products do not reach;
+- times as many products of a tiny shape (64 x 16 @ 16 x 48, next to no arithmetic): the part
+  of the replay that is each product's fixed cost (dispatch, and for bf16 oneDNN's per-call
+  set-up), not arithmetic.
 
     python benchmarks/modality_floor.py                      # CPU size; ~20 s
     python benchmarks/modality_floor.py --peer-seconds 0.247 # also: what 5x the peer leaves
@@ -85,6 +88,14 @@ def replay_seconds(calls, dtype: torch.dtype, repeats: int) -> float:
     return statistics.median(times)
 
 
+def fixed_cost_seconds(count: int, dtype: torch.dtype, repeats: int) -> float:
+    """Seconds for `count` products of a tiny shape: what the replay's products cost apart from
+    their arithmetic."""
+    a, b = torch.randn(64, 16, dtype = dtype), torch.randn(48, 16, dtype = dtype).t()
+    calls = [(torch.ops.aten.mm.default, [((64, 16), a.stride()), ((16, 48), b.stride())])] * count
+    return replay_seconds(calls, dtype, repeats)
+
+
 def main():
     parser = argparse.ArgumentParser(description = __doc__.split('\n')[0])
     parser.add_argument('--size', choices = tuple(workloads.SIZES), default = 'cpu')
@@ -111,7 +122,9 @@ def main():
             allowed = args.peer_seconds / 5
             line += f'; 5x the peer ({allowed * 1e3:.1f} ms) leaves {(allowed - seconds) * 1e3:.1f} ms for the rest'
         print(line, flush = True)
-
+    for dtype in (torch.float32, torch.bfloat16):
+        seconds = fixed_cost_seconds(len(recorder.calls), dtype, args.repeats)
+        print(f'{str(dtype) + " fixed cost (tiny shape)":42s} {seconds * 1e3:6.1f} ms per call', flush = True)
 
 if __name__ == '__main__':
     main()
