@@ -1,5 +1,5 @@
-"""The compiled ODE evaluation: the same samples as eager, no recompiles across calls, left out
-of copies; compiled prompt prefills: eager's logits, a bounded number of compiles; and a
+"""The compiled ODE evaluation: the same samples as eager, its graph called directly after two
+evaluations, no recompiles across calls, left out of copies; compiled prompt prefills: eager's logits, a bounded number of compiles; and a
 caller's force_eager kept where the text decoder skips guard checks."""
 import copy
 
@@ -46,6 +46,18 @@ def test_compiled_evaluation_is_reused_across_calls_and_left_out_of_copies():
     twin = copy.deepcopy(model)
     assert '_compiled_evaluation' not in twin.__dict__
     torch.testing.assert_close(run(twin), first, atol = 1e-5, rtol = 1e-5)
+
+
+def test_evaluations_after_the_first_two_of_a_solve_call_the_graph_directly(monkeypatch):
+    """The samples of the test above come from replayed graphs (replay.py); here, how many."""
+    from transfusion_pytorch.replay import Replayed
+    model = randomized(tiny_model(transformer = COMPILED))
+    calls, through = [], []
+    call, through_torch_compile = Replayed.__call__, Replayed._through_torch_compile
+    monkeypatch.setattr(Replayed, '__call__', lambda self, *inputs: calls.append(1) or call(self, *inputs))
+    monkeypatch.setattr(Replayed, '_through_torch_compile', lambda self, inputs: through.append(1) or through_torch_compile(self, inputs))
+    model.generate_modality_only(2, 1, (5,), modality_steps = 4, seed = 0)
+    assert (len(calls), len(through)) == (2 * 4, 2)   # 4 midpoint steps, 2 evaluations each
 
 
 def test_a_callers_force_eager_is_kept_through_the_loops():

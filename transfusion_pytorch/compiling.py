@@ -20,14 +20,16 @@ import torch
 BLOCK_VERSIONS = 32
 
 
-def compile_region(fn, options: dict | None):
+def compile_region(fn, options: dict | None, backend = None):
     """torch.compile with room for BLOCK_VERSIONS compiled versions: a recompile_limit for this
-    region where torch.compile takes one, else torch._dynamo's global limit raised (never lowered)."""
+    region where torch.compile takes one, else torch._dynamo's global limit raised (never lowered).
+    backend: a Dynamo backend in place of Inductor with `options` (which it then applies itself)."""
+    how = dict(options = options) if backend is None else dict(backend = backend)
     if 'recompile_limit' in inspect.signature(torch.compile).parameters:
-        return torch.compile(fn, options = options, recompile_limit = BLOCK_VERSIONS)
+        return torch.compile(fn, recompile_limit = BLOCK_VERSIONS, **how)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, BLOCK_VERSIONS)
-    return torch.compile(fn, options = options)
+    return torch.compile(fn, **how)
 
 
 def skip_guard_checks():

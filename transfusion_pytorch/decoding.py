@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 
 from .batch import ModalityItem, TextItem, pack
-from .compiling import compile_region
 from .experts import Routing
 from .graphs import GraphedFunction
 from .kv_cache import KVCache
 from .masks import AttentionMask, prefix_mask
+from .replay import RecordedRegion, Replayed, recorded_region
 from .token_layout import step_alibi, step_positions, step_routing
 from .transfer import host_to_device
 
@@ -187,7 +187,8 @@ class CachedRunner:
         """The flow field f(t, x) for instances x Float['b L c'] of `shape` (full resolution) of
         `rows`, at time t Float['']. Everything but x and t is prepared here, once per instance;
         on a GPU each evaluation after the first replays one CUDA graph; with compile_blocks on
-        a device in COMPILED_STEP_DEVICES each evaluation is one compiled region."""
+        a device in COMPILED_STEP_DEVICES each evaluation is one compiled region, whose graph
+        later evaluations call directly (replay.py)."""
         model, b = self.model, len(rows)
         token_shape = model.config.modalities[modality].token_shape(shape)
         n = math.prod(token_shape)
@@ -197,10 +198,15 @@ class CachedRunner:
         isolated = torch.arange(len(all_rows), device = model.device) >= b if guided else None
         context = self._context(all_rows, n, span, modality, token_shape, isolated)
         compiled = model.config.transformer.compile_blocks and model.device.type in COMPILED_STEP_DEVICES
-        evaluation = compiled_evaluation(model) if compiled else evaluate_instance
-        evaluate = lambda x, t: evaluation(self, context, modality, shape, cfg_scale, x, t)
+        if compiled:
+            region = compiled_evaluation(model)
+            evaluate = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region)
+        else:
+            evaluate = lambda x, t: evaluate_instance(self, context, modality, shape, cfg_scale, x, t)
         graphed = GraphedFunction(evaluate, enabled = self.cuda_graphs)
-        return lambda t, x: graphed(x, t)
+        # torchdiffeq passes t as a view of its time grid at the steps and as a new tensor between
+        # them: torch.compile compiles a version for each, and a replay takes no views
+        return lambda t, x: graphed(x, t.clone())
 
     def commit(self, rows: list[int], modality: int, shape: tuple[int, ...], x1: Tensor) -> Tensor:
         model, b = self.model, x1.shape[0]
@@ -236,7 +242,7 @@ def evaluate_instance(runner: CachedRunner, context: StepContext, modality: int,
     return unconditional + cfg_scale * (conditional - unconditional)
 
 
-def compiled_evaluation(model) -> Callable[..., Tensor]:
+def compiled_evaluation(model) -> RecordedRegion:
     """evaluate_instance compiled as one region, kept on the model (one per model, so its compiled
     versions are reused across calls; left out of pickles like the text decoders). The time
     embedding, the input and output projections and the modulations then join the blocks in one
@@ -244,7 +250,7 @@ def compiled_evaluation(model) -> Callable[..., Tensor]:
     evaluations, 2 CPU cores, medians of 9 in 2 alternating rounds) 67.1 / 69.2 -> 62.9 / 62.2
     ms under bf16 autocast, 83.8 / 81.7 -> 77.4 / 78.3 ms in fp32."""
     if getattr(model, '_compiled_evaluation', None) is None:
-        model._compiled_evaluation = compile_region(evaluate_instance, model.config.transformer.compile_options_dict)
+        model._compiled_evaluation = recorded_region(evaluate_instance, model.config.transformer.compile_options_dict)
     return model._compiled_evaluation
 
 
