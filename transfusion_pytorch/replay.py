@@ -6,7 +6,9 @@ GPU, graphs.py replays them as one CUDA graph). On CPU each evaluation is one co
 (decoding.compiled_evaluation), and every call through torch.compile pays, before its graph runs,
 for Dynamo's guard checks and for gathering the region's arguments (weights, cache views, the
 step context) in Python: 160-185 us of a 1.8 ms (bf16) or 2.3 ms (fp32) evaluation of 64 latent
-tokens at dim 256, depth 4, on 2 CPU cores.
+tokens at dim 256, depth 4, on 2 CPU cores. Replayed, about 55 us remain, and the whole 30-evaluation
+call took 63.4 -> 59.1 ms in bf16 and 80.5 -> 76.1 ms in fp32 (medians of 40 calls each, the two
+ways interleaved in one process).
 
 `recorded_region` compiles a function with Inductor through a backend that notes the graph,
 arguments and outputs of its latest call. `Replayed` calls the region through torch.compile
