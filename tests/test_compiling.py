@@ -1,6 +1,7 @@
 """The compiled ODE evaluation: the same samples as eager, its graph called directly after two
-evaluations, no recompiles across calls, left out of copies; compiled prompt prefills: eager's logits, a bounded number of compiles; and a
-caller's force_eager kept where the text decoder skips guard checks."""
+evaluations, no recompiles across calls, left out of copies; compiled prompt prefills: eager's
+logits, a bounded number of compiles; and a caller's force_eager kept where the text decoder
+skips guard checks."""
 import copy
 
 import pytest
