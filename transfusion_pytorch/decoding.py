@@ -200,13 +200,14 @@ class CachedRunner:
         compiled = model.config.transformer.compile_blocks and model.device.type in COMPILED_STEP_DEVICES
         if compiled:
             region = compiled_evaluation(model)
-            evaluate = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region)
+            replayed = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region)
+            # torchdiffeq passes t as a view of its time grid at the steps and as a new tensor
+            # between them: torch.compile compiles a version for each, and a replay takes no views
+            evaluate = lambda x, t: replayed(x, t.clone())
         else:
             evaluate = lambda x, t: evaluate_instance(self, context, modality, shape, cfg_scale, x, t)
         graphed = GraphedFunction(evaluate, enabled = self.cuda_graphs)
-        # torchdiffeq passes t as a view of its time grid at the steps and as a new tensor between
-        # them: torch.compile compiles a version for each, and a replay takes no views
-        return lambda t, x: graphed(x, t.clone())
+        return lambda t, x: graphed(x, t)
 
     def commit(self, rows: list[int], modality: int, shape: tuple[int, ...], x1: Tensor) -> Tensor:
         model, b = self.model, x1.shape[0]
