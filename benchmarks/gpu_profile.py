@@ -22,7 +22,11 @@ Each variant of the step is tried on its own: one that fails prints its error an
 44 s compile; `mixed_step(compile_blocks = True, compile_stack = True)` repeats it.)
 
     python benchmarks/gpu_profile.py            # about 2-4 minutes, most of it compilation
+    python benchmarks/gpu_profile.py --sections profile variants \
+        --profile '{"compile_stack": true}' --variants '{"ff_pad_multiple": 16}'   # a part of it
 """
+import argparse
+import json
 import time
 import warnings
 
@@ -130,7 +134,7 @@ def profile_step(step):
     device_ms = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
     print(f'device time in one profiled step: {device_ms:.1f} ms (kernels, summed)', flush = True)
     print(averages.table(sort_by = 'self_cuda_time_total', row_limit = 12, max_name_column_width = 60), flush = True)
-    print(averages.table(sort_by = 'self_cpu_time_total', row_limit = 15, max_name_column_width = 60), flush = True)
+    print(averages.table(sort_by = 'self_cpu_time_total', row_limit = 25, max_name_column_width = 60), flush = True)
 
 
 def feed_forward_alignment(tokens: int = 6784, dim: int = 1024):
@@ -150,13 +154,31 @@ def feed_forward_alignment(tokens: int = 6784, dim: int = 1024):
                   f'{flops / seconds / 1e12:.0f} TFLOP/s', flush = True)
 
 
+DEFAULT_VARIANTS = [dict(compile_options = {'triton.cudagraphs': True}), dict(compile_options = {'cpp_wrapper': True}),
+                    dict(ff_pad_multiple = 16), dict(compile_stack = True, compile_options = {'triton.cudagraphs': True})]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description = __doc__.split('\n\n')[0])
+    parser.add_argument('--sections', nargs = '+', default = ['ff', 'modality', 'profile', 'variants'],
+                        choices = ['ff', 'modality', 'profile', 'variants'])
+    parser.add_argument('--profile', type = json.loads, default = {},
+                        help = 'transformer options (JSON) of the step that is profiled, beside compile_blocks')
+    parser.add_argument('--variants', type = json.loads, nargs = '+', default = DEFAULT_VARIANTS,
+                        help = 'transformer options (JSON) of each step variant timed, beside compile_blocks')
+    return parser.parse_args()
+
+
 if __name__ == '__main__':
+    args = parse_args()
     torch.manual_seed(0)
-    feed_forward_alignment()
-    modality_generation()
-    profile_step(mixed_step(compile_blocks = True))
-    for options in (dict(compile_options = {'triton.cudagraphs': True}), dict(compile_options = {'cpp_wrapper': True}),
-                    dict(ff_pad_multiple = 16), dict(compile_stack = True, compile_options = {'triton.cudagraphs': True})):
+    if 'ff' in args.sections:
+        feed_forward_alignment()
+    if 'modality' in args.sections:
+        modality_generation()
+    if 'profile' in args.sections:
+        profile_step(mixed_step(compile_blocks = True, **args.profile))
+    for options in args.variants if 'variants' in args.sections else []:
         try:
             mixed_step(compile_blocks = True, **options)
         except Exception as error:  # one variant failing must not cost the others their device time
