@@ -96,6 +96,7 @@ def summarize(runs: list[dict]) -> dict | None:
     return dict(value=value, unit='tok/s' if first['unit'] == 'tok' else 's/sample',
                 median_s=med, spread=[spread[0], spread[-1]], n_times=len(times),
                 flops_per_token=flops, peak_mem_mib=max((r.get('peak_mem_mib') or 0) for r in good),
+                peak_reserved_mib=max((r.get('peak_reserved_mib') or 0) for r in good) or None,
                 mem_kind=first.get('mem_kind'), nfe=first.get('nfe'), params=first.get('params'),
                 fallback=first.get('fallback'), tok_per_s=rate if first['unit'] == 'tok' else None)
 
@@ -107,7 +108,7 @@ def fmt(x, spec='.3g'):
 def print_table(summary: dict, peak: float | None, sides: list[str]):
     head = ['workload', 'metric'] + [f'{s}' for s in sides] + (['speedup'] if len(sides) == 2 else []) \
         + [f'FLOP/tok {s}' for s in sides] + [f'MFU {s}' for s in sides] \
-        + [f'mem MiB {s}' for s in sides] + [f'NFE {s}' for s in sides]
+        + [f'mem MiB {s}' for s in sides] + [f'reserved MiB {s}' for s in sides] + [f'NFE {s}' for s in sides]
     rows = []
     for workload, per_side in summary.items():
         ss = [per_side.get(s) for s in sides]
@@ -123,6 +124,7 @@ def print_table(summary: dict, peak: float | None, sides: list[str]):
         mfus = [(s['flops_per_token'] * s['tok_per_s'] / peak) if (s and peak and s['flops_per_token'] and s['tok_per_s']) else None for s in ss]
         row += [fmt(m and 100 * m, '.1f') + ('%' if m else '') for m in mfus]
         row += [fmt(s and max(s['peak_mem_mib'], 0), '.0f') for s in ss]
+        row += [fmt(s and s.get('peak_reserved_mib'), '.0f') for s in ss]
         row += [fmt(s and s['nfe'], 'd') if s and s['nfe'] is not None else '-' for s in ss]
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
@@ -201,7 +203,7 @@ def report(args, summary: dict, results: list[dict], peak: float | None, sides: 
     print('\nspeedup: ours over peer (> 1 = ours faster); FLOP/tok: forward+backward of one training '
           'step (FlopCounterMode, attention counted dense), for gen_modality the forward FLOPs of one '
           'whole call per latent token; MFU: FLOP/tok x tok/s / matmul peak; '
-          'mem: ' + ('CUDA max allocated' if args.size == 'gpu' else 'CPU RSS high-water growth') + '; '
+          'mem: ' + ('CUDA max allocated (reserved: max reserved, CUDA-graph pools included)' if args.size == 'gpu' else 'CPU RSS high-water growth') + '; '
           'precision: ' + ('bf16 autocast' if args.size == 'gpu' or args.cpu_bf16 else 'fp32') + '.')
 
 

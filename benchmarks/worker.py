@@ -88,7 +88,7 @@ def build_task(side: str, name: str, cfg: dict, device: torch.device, extra_kwar
                result: dict):
     """The model and task after their first (warm-up) call. If that call fails and the side has
     a fallback for this device, the model is rebuilt with it and `result['fallback']` says why."""
-    model, info = build_model(side, cfg, device, extra_kwargs)
+    model, info = build_model(side, cfg, device, extra_kwargs, workload = name)
     task = WORKLOADS[name](model, cfg)
     fallback = (PEER_FALLBACK_KWARGS if side == 'peer' else OURS_FALLBACK_KWARGS)[device.type]
     try:
@@ -98,7 +98,7 @@ def build_task(side: str, name: str, cfg: dict, device: torch.device, extra_kwar
             raise
         result['fallback'] = dict(reason=f'{type(err).__name__}: {err}'[:500], kwargs=fallback)
         del model, task
-        model, info = build_model(side, cfg, device, deep_merge(extra_kwargs or {}, fallback))
+        model, info = build_model(side, cfg, device, deep_merge(extra_kwargs or {}, fallback), workload = name)
         task = WORKLOADS[name](model, cfg)
         task.step()
     result.update(info, model_config=dict(transformer=cfg['transformer'], dim_latent=cfg['dim_latent']))
@@ -124,7 +124,9 @@ def time_task(task: Task, device: torch.device, repeats: int, result: dict):
     result['times_s'] = times
 
     if device.type == 'cuda':
-        result.update(peak_mem_mib=torch.cuda.max_memory_allocated() / 2 ** 20, mem_kind='cuda max allocated')
+        # reserved as well: a CUDA graph's pool is reserved once, and its replays allocate nothing
+        result.update(peak_mem_mib=torch.cuda.max_memory_allocated() / 2 ** 20, mem_kind='cuda max allocated',
+                      peak_reserved_mib=torch.cuda.max_memory_reserved() / 2 ** 20)
     elif rss_before is not None:
         result.update(peak_mem_mib=(proc_status_kib('VmHWM') - rss_before) / 1024,
                       mem_kind='cpu RSS high-water growth' + ('' if rss_reset else ' (HWM not reset)'))
