@@ -63,8 +63,9 @@ OURS_FAST_KWARGS = {
 
 # Merged after OURS_FAST_KWARGS for one (device, workload). Mixed training on CUDA is bound by
 # the host issuing kernels: the whole stack compiled as one region, replayed as CUDA graphs, took
-# 34.6 ms a step against 55.2 ms per block on an H200 (results/h200_s4_*). Its CUDA-graph pool
-# is reserved, not allocated, memory: the worker reports both.
+# 44.6 ms a step against 55.2 ms per block in one process on an H200, and 33.8-34.6 ms in the
+# workers (results/h200_s4_*). Its CUDA-graph pool is reserved, not allocated, memory: the worker
+# reports both.
 OURS_WORKLOAD_KWARGS = {
     ('cuda', 'mixed_train'): {'transformer': {'compile_stack': True, 'compile_options': {'triton.cudagraphs': True}}},
 }
