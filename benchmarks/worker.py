@@ -49,16 +49,32 @@ def reset_rss_peak() -> bool:
 
 
 
+def flop_counter():
+    """FlopCounterMode that also counts SDPA's CPU kernel. torch's table leaves that kernel out
+    (it counts 0 for it); here it gets the dense formula torch uses for the CUDA kernels."""
+    from torch.utils import flop_counter
+    aten = torch.ops.aten
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
+
+
 def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float | None]:
     """Network evaluations in one call of `task.step` (a forward pre-hook on the network) and
     the FLOPs that call does (FlopCounterMode; compiled code forced eager, no CUDA graphs)."""
-    from torch.utils.flop_counter import FlopCounterMode
     net = model
     for name in NFE_MODULE_ATTR[side].split('.'):
         net = getattr(net, name, None)
     calls = []
     handle = net.register_forward_pre_hook(lambda *_: calls.append(1)) if net is not None else None
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     try:
         try:
             with force_eager(), counter:
@@ -76,8 +92,7 @@ def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float
 
 
 def count_flops_per_token(task: Task) -> float | None:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with force_eager(), counter:
         task.flop_step()
     return counter.get_total_flops() / task.flop_tokens
@@ -166,6 +181,23 @@ def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | No
     return result
 
 
+def count_only(side: str, name: str, size: str, extra_kwargs: dict | None) -> dict:
+    """The FLOPs per token of one workload at `size`, counted on the CPU, untimed: they do not
+    depend on the device, and on the CPU both sides attend densely, where FlopCounterMode counts
+    what a GPU run's flex attention keeps it from counting."""
+    device = torch.device('cpu')
+    cfg = dict(SIZES[size], side=side, cpu_bf16=False)
+    model, info = build_model(side, cfg, device, extra_kwargs, workload=name)
+    task = WORKLOADS[name](model, cfg)
+    result = dict(side=side, workload=name, size=size, device='cpu', flops_only=True, torch=torch.__version__, **info)
+    if name == 'gen_modality':
+        result['nfe'], flops = count_nfe_and_flops(model, task, side)
+        result['flops_per_token'] = flops / cfg['modality_len'] if flops is not None else None
+    elif task.flop_step is not None:
+        result['flops_per_token'] = count_flops_per_token(task)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--side', choices=('ours', 'peer'), required=True)
@@ -176,11 +208,15 @@ def main():
     parser.add_argument('--kwargs', default='{}', help='JSON merged into the constructor kwargs')
     parser.add_argument('--no-flops', action='store_true')
     parser.add_argument('--cpu-bf16', action='store_true', help='CPU: bf16 autocast (default fp32)')
+    parser.add_argument('--flops-only', action='store_true', help='count FLOPs per token on the CPU at --size; no timing')
     args = parser.parse_args()
 
     try:
-        result = run_workload(args.side, args.workload, args.size, args.repeats, args.warmup,
-                              json.loads(args.kwargs), not args.no_flops, args.cpu_bf16)
+        if args.flops_only:
+            result = count_only(args.side, args.workload, args.size, json.loads(args.kwargs))
+        else:
+            result = run_workload(args.side, args.workload, args.size, args.repeats, args.warmup,
+                                  json.loads(args.kwargs), not args.no_flops, args.cpu_bf16)
     except Exception as err:
         import traceback
         traceback.print_exc(file=sys.stderr)
