@@ -1,7 +1,7 @@
 """FLOPs per token of both sides at a benchmark size, counted on the CPU, untimed.
 
 FLOPs do not depend on the device, so the GPU size can be counted here, on the CPU. On a GPU,
-`run.py` cannot count them everywhere: FlopCounterMode does not see through flex attention.
+`run.py` cannot count them everywhere: FlopCounterMode fails on flex attention there.
 On the CPU both sides attend densely, and attention counts as dense, as in `run.py`.
 
 Each side runs in its own subprocess, `worker.py --flops-only`, under its own interpreter, as

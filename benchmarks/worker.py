@@ -13,7 +13,7 @@ activations); CPU: growth of the resident set's high-water mark (VmHWM, reset th
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` over forward + backward of a one-sample
 batch of the same per-sample structure (FLOPs per token do not depend on batch size), with
 `torch.compile` forced eager. It counts matmul-like ops; attention counts as dense
-(masked-out blocks are not subtracted) on both sides.
+(masked-out blocks are not subtracted) on both sides, SDPA's CPU kernel included (`flop_counter`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,17 @@ def reset_rss_peak() -> bool:
     except OSError:
         return False
 
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AMX: bf16 figures differ by an order of magnitude
+    between CPUs with and without it, and the shared machines here are of both kinds."""
+    try:
+        info = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return 'cpu'
+    model = next((line.split(':', 1)[1].strip() for line in info.splitlines() if line.startswith('model name')), 'cpu')
+    return f"{model}, {'with' if 'amx_bf16' in info else 'without'} AMX"
 
 
 def flop_counter():
@@ -156,8 +167,7 @@ def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | No
     result = dict(side=side, workload=name, size=size, device=str(device), torch=torch.__version__,
                   threads=torch.get_num_threads(), repeats=repeats, warmup=warmup,
                   precision='bf16 autocast' if device.type == 'cuda' or cpu_bf16 else 'fp32')
-    if device.type == 'cuda':
-        result['device_name'] = torch.cuda.get_device_name()
+    result['device_name'] = torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()
     if name == 'matmul_peak':
         result.update(matmul_peak(device, warmup, repeats, cpu_bf16))
         return result
