@@ -8,8 +8,9 @@
 Timing: `warmup` untimed calls (compilation, autotuning, the peer's strategy router), then
 `repeats` calls, each bracketed by device synchronisation; the worker reports every time.
 Peak memory: CUDA `max_memory_allocated` over the timed calls (weights + optimizer state +
-activations); CPU: growth of the resident set's high-water mark (VmHWM, reset through
-/proc/self/clear_refs where allowed) over the resident size before the first call.
+activations), and `max_memory_reserved`, which holds CUDA-graph pools; CPU: growth of the
+resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs where allowed) over
+the resident size before the first call.
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` over forward + backward of a one-sample
 batch of the same per-sample structure (FLOPs per token do not depend on batch size), with
 `torch.compile` forced eager. It counts matmul-like ops; attention counts as dense
@@ -85,9 +86,9 @@ def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float
         net = getattr(net, name, None)
     calls = []
     handle = net.register_forward_pre_hook(lambda *_: calls.append(1)) if net is not None else None
-    counter = flop_counter()
     try:
         try:
+            counter = flop_counter()
             with force_eager(), counter:
                 task.count_step()
             flops = counter.get_total_flops()
@@ -192,9 +193,9 @@ def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | No
 
 
 def count_only(side: str, name: str, size: str, extra_kwargs: dict | None) -> dict:
-    """The FLOPs per token of one workload at `size`, counted on the CPU, untimed: they do not
-    depend on the device, and on the CPU both sides attend densely, where FlopCounterMode counts
-    what a GPU run's flex attention keeps it from counting."""
+    """The FLOPs per token of one workload at `size`, counted on the CPU, untimed. They do not
+    depend on the device, and on the CPU both sides attend densely, which FlopCounterMode can
+    count, where on a GPU it fails on their flex attention."""
     device = torch.device('cpu')
     cfg = dict(SIZES[size], side=side, cpu_bf16=False)
     model, info = build_model(side, cfg, device, extra_kwargs, workload=name)
