@@ -18,25 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 from pathlib import Path
 
-from run import HERE, REPO_ROOT, WORKER, default_python
+from run import HERE, REPO_ROOT, call_worker, default_python
 
 COUNTED = ('mixed_train', 'text_train', 'gen_modality')
-
-
-def count(python: str, pythonpath: str, side: str, workload: str, size: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    if pythonpath:
-        env['PYTHONPATH'] = pythonpath
-    cmd = [python, str(WORKER), '--side', side, '--workload', workload, '--size', size, '--flops-only']
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith('BENCH_JSON ')]
-    if not lines:
-        return dict(side=side, workload=workload, error=f'worker exit {proc.returncode}: {proc.stderr[-500:]}')
-    return json.loads(lines[-1][len('BENCH_JSON '):])
 
 
 def main():
@@ -52,8 +38,9 @@ def main():
     print(f'size {args.size}, counted on the CPU')
     print(f"{'workload':14s} {'FLOP/tok ours':>14s} {'FLOP/tok peer':>14s} {'peer / ours':>11s} {'NFE ours':>8s} {'NFE peer':>8s}")
     for workload in args.workloads:
-        ours = count(args.ours_python, str(REPO_ROOT), 'ours', workload, args.size)
-        peer = count(args.peer_python, '', 'peer', workload, args.size)
+        count = ['--size', args.size, '--flops-only']
+        ours = call_worker(args.ours_python, str(REPO_ROOT), 'ours', workload, count)
+        peer = call_worker(args.peer_python, '', 'peer', workload, count)
         results += [ours, peer]
         flops = [r.get('flops_per_token') for r in (ours, peer)]
         ratio = flops[1] / flops[0] if all(flops) else None

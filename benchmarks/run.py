@@ -42,28 +42,15 @@ def default_python(venv: Path) -> str:
     return str(exe) if exe.exists() else sys.executable
 
 
-def run_worker(args, side: str, workload: str, flops: bool) -> dict:
-    """One subprocess; returns the worker's JSON (or an error record)."""
-    python = args.ours_python if side == 'ours' else args.peer_python
-    pythonpath = args.ours_pythonpath if side == 'ours' else args.peer_pythonpath
+def call_worker(python: str, pythonpath: str, side: str, workload: str, worker_args: list[str],
+                timeout: float | None = None) -> dict:
+    """Run `worker.py --side side --workload workload *worker_args` under `python` with only
+    `pythonpath` on PYTHONPATH; returns its JSON (or an error record with the stderr tail)."""
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     if pythonpath:
         env['PYTHONPATH'] = pythonpath
-    cmd = [python, str(WORKER), '--side', side, '--workload', workload, '--size', args.size,
-           '--repeats', str(args.repeats)]
-    kwargs = args.ours_kwargs if side == 'ours' else args.peer_kwargs
-    if kwargs:
-        cmd += ['--kwargs', kwargs]
-    if not flops:
-        cmd.append('--no-flops')
-    if args.cpu_bf16:
-        cmd.append('--cpu-bf16')
+    cmd = [python, str(WORKER), '--side', side, '--workload', workload, *worker_args]
     started = time.perf_counter()
-    timeout = args.timeout
-    if args.budget:
-        timeout = min(timeout, args.budget - (started - args.t0))
-        if timeout < 15:
-            return dict(side=side, workload=workload, error='skipped: --budget spent', wall_s=0.0, stderr_tail='')
     try:
         proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=timeout)
@@ -78,6 +65,26 @@ def run_worker(args, side: str, workload: str, flops: bool) -> dict:
     if 'error' in result:
         result['stderr_tail'] = stderr[-3000:]
     return result
+
+
+def run_worker(args, side: str, workload: str, flops: bool) -> dict:
+    """One timed subprocess, within what is left of `--budget`."""
+    worker_args = ['--size', args.size, '--repeats', str(args.repeats)]
+    kwargs = args.ours_kwargs if side == 'ours' else args.peer_kwargs
+    if kwargs:
+        worker_args += ['--kwargs', kwargs]
+    if not flops:
+        worker_args.append('--no-flops')
+    if args.cpu_bf16:
+        worker_args.append('--cpu-bf16')
+    timeout = args.timeout
+    if args.budget:
+        timeout = min(timeout, args.budget - (time.perf_counter() - args.t0))
+        if timeout < 15:
+            return dict(side=side, workload=workload, error='skipped: --budget spent', wall_s=0.0, stderr_tail='')
+    python = args.ours_python if side == 'ours' else args.peer_python
+    pythonpath = args.ours_pythonpath if side == 'ours' else args.peer_pythonpath
+    return call_worker(python, pythonpath, side, workload, worker_args, timeout)
 
 
 def summarize(runs: list[dict]) -> dict | None:
