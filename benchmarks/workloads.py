@@ -94,9 +94,10 @@ OURS_FALLBACK_KWARGS = {
 # Set ours so that the NFE printed by run.py match (equal work).
 MODALITY_STEPS = {'ours': 15, 'peer': 16}  # ours: 15 midpoint steps = 30 NFE, as the peer's 16 grid points
 
-# module called once per ODE function evaluation (dotted path). Ours: the time embedding, which
-# only ODE evaluations call (the transformer also encodes the 4-token prompt once, not an NFE).
-NFE_MODULE_ATTR = {'ours': 'modalities.time_embedding', 'peer': 'transformer'}
+# module called once per ODE function evaluation (dotted path). Ours: the output projection of
+# the modality's latents, which only ODE evaluations call here (the transformer also encodes the
+# 4-token prompt once, not an NFE; the time embedding runs once per solve, for all its times).
+NFE_MODULE_ATTR = {'ours': 'modalities.projections.0.proj_out', 'peer': 'transformer'}
 
 SIZES = {
     # small enough for 2 CPU cores: the whole CPU benchmark takes a few minutes

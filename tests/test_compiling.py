@@ -68,7 +68,7 @@ def test_a_callers_force_eager_is_kept_through_the_loops():
     model.generate_modality_only(1, 1, (5,), modality_steps = 4, seed = 0)         # compiled versions exist
     model.generate_text_only(randint(0, 16, (1, 2)), 10, temperature = 0.)
     evaluations, tokens = [], []
-    model.modalities.time_embedding.register_forward_pre_hook(lambda *_: evaluations.append(1))
+    model.modalities.projections[1].proj_out.register_forward_pre_hook(lambda *_: evaluations.append(1))
     model.transformer.final_norm.register_forward_pre_hook(lambda *_: tokens.append(1))
     with torch.compiler.set_stance('force_eager'):
         model.generate_modality_only(1, 1, (5,), modality_steps = 4, seed = 0)

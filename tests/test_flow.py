@@ -80,3 +80,17 @@ def test_the_path_keeps_the_data_dtype():
     data, noise = torch.randn(4, 3, dtype = torch.bfloat16), torch.randn(4, 3, dtype = torch.bfloat16)
     assert flow.noised(data, noise, torch.rand(4)).dtype == torch.bfloat16
     assert flow.noised(data.double(), noise.double(), torch.rand(4)).dtype == torch.float64
+
+
+@pytest.mark.parametrize('method', ['euler', 'midpoint', 'heun3', 'rk4', 'explicit_adams'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_evaluation_times_are_the_times_a_solve_passes(method, dtype):
+    """Recorded once from dx/dt = 0, they are the values of t that a solve of another field,
+    of the state's dtype, passes, in the order of first use: what the samplers look them up by."""
+    passed = {}
+    def field(t, x):
+        passed.setdefault(t.item())
+        return -2 * t * x + 1
+    flow.integrate(field, torch.randn(3, 2, dtype = dtype), 5, method)
+    assert flow.evaluation_times(5, method, dtype) == tuple(passed)
+    assert flow.evaluation_times(5, 'dopri5', dtype) == ()          # adaptive: depends on the field

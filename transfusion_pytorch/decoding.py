@@ -5,8 +5,9 @@ the sampler's state machine (sampling.py) is shared and the two are tested equal
 
 - prefill(row, items): encode a prompt; the logits after it;
 - feed(rows, tokens): append one discrete token per row; the logits after it;
-- velocity_field(rows, modality, shape, cfg_scale): the flow field f(t, x) for the current
-  modality instance of each row, whose begin and shape tokens are already in the sequence;
+- velocity_field(rows, modality, shape, cfg_scale, times): the flow field f(t, x) for the
+  current modality instance of each row, whose begin and shape tokens are already in the
+  sequence (times: those the solver will evaluate at, where known in advance);
 - commit(rows, modality, x1): append the finished instance as clean data (t = 1) and its end
   token; the logits after the end token.
 
@@ -132,16 +133,18 @@ class CachedRunner:
         needed = max(self.lengths[r] for r in rows) + q
         return min(self.cache.slots, -(-needed // VISIBLE_SLOTS_MULTIPLE) * VISIBLE_SLOTS_MULTIPLE)
 
-    def _run(self, context: StepContext, x: Tensor, time_embedding: Tensor | None = None, compiled: bool | None = None) -> Tensor:
+    def _run(self, context: StepContext, x: Tensor, time_embedding: Tensor | None = None, compiled: bool | None = None,
+             projected: Tensor | None = None) -> Tensor:
         """Float['b q d'] new tokens through the transformer over the cache; returns Float['b q d'].
         compiled: run the compiled blocks (default: on devices in COMPILED_STEP_DEVICES); False
-        inside a region that is compiled as a whole."""
+        inside a region that is compiled as a whole. projected: the adaptive conditioning's
+        projection of time_embedding, when computed beforehand."""
         model = self.model
         if compiled is None:
             compiled = x.device.type in COMPILED_STEP_DEVICES
         modulations = None
         if context.token_instance is not None and time_embedding is not None:
-            modulations = model.modalities.adaptive.per_block(time_embedding, context.token_instance)
+            modulations = model.modalities.adaptive.per_block(time_embedding, context.token_instance, projected)
         return model.transformer(x, context.positions, context.mask, modulations, cache = context.views,
                                  compiled = compiled, routing = context.routing, rotary = context.rotary)
 
@@ -176,19 +179,27 @@ class CachedRunner:
             self.lengths[r] += 1
         return model.to_logits(hidden[:, -1])
 
-    def _instance_tokens(self, modality: int, x: Tensor, shape: tuple[int, ...], times: Tensor) -> tuple[Tensor, Tensor]:
-        """Tokens Float['b l d'] of instances x Float['b L c'] of `shape` at times Float['b']."""
+    def _instance_tokens(self, modality: int, x: Tensor, shape: tuple[int, ...], times: Tensor | None,
+                         embedding: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Tokens Float['b l d'] of instances x Float['b L c'] of `shape` at times Float['b'], or
+        at the one time whose embedding Float['1 d'] was computed beforehand."""
         modalities = self.model.modalities
-        time_embedding = modalities.time_embedding(times)                             # (b, d)
+        if embedding is None:
+            time_embedding = modalities.time_embedding(times)                         # (b, d)
+        else:
+            time_embedding = embedding.expand(x.shape[0], -1)
         tokens = modalities.embed(modality, x.to(time_embedding.dtype), shape, time_embedding[:, None])
         return tokens.to(self.model.token_embedding.weight.dtype), time_embedding
 
-    def velocity_field(self, rows: list[int], modality: int, shape: tuple[int, ...], cfg_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+    def velocity_field(self, rows: list[int], modality: int, shape: tuple[int, ...], cfg_scale: float,
+                       times: tuple[float, ...] = ()) -> Callable[[Tensor, Tensor], Tensor]:
         """The flow field f(t, x) for instances x Float['b L c'] of `shape` (full resolution) of
         `rows`, at time t Float['']. Everything but x and t is prepared here, once per instance;
         on a GPU each evaluation after the first replays one CUDA graph; with compile_blocks on
         a device in COMPILED_STEP_DEVICES each evaluation is one compiled region, whose graph
-        later evaluations call directly (replay.py)."""
+        later evaluations call directly (replay.py). times: the times the solver will evaluate
+        at (flow.evaluation_times), if known; on CPU their time conditioning is computed here,
+        in one batch (_time_table)."""
         model, b = self.model, len(rows)
         token_shape = model.config.modalities[modality].token_shape(shape)
         n = math.prod(token_shape)
@@ -200,14 +211,29 @@ class CachedRunner:
         compiled = model.config.transformer.compile_blocks and model.device.type in COMPILED_STEP_DEVICES
         if compiled:
             region = compiled_evaluation(model)
-            replayed = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region)
+            at_time = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region)
+            at_row = Replayed(lambda x, *row: region.fn(self, context, modality, shape, cfg_scale, x, None, row), region)
             # torchdiffeq passes t as a view of its time grid at the steps and as a new tensor
             # between them: torch.compile compiles a version for each, and a replay takes no views
-            evaluate = lambda x, t: replayed(x, t.clone())
+            run = lambda x, t, row: at_time(x, t.clone()) if row is None else at_row(x, *row)
         else:
-            evaluate = lambda x, t: evaluate_instance(self, context, modality, shape, cfg_scale, x, t)
-        graphed = GraphedFunction(evaluate, enabled = self.cuda_graphs)
+            run = lambda x, t, row: evaluate_instance(self, context, modality, shape, cfg_scale, x, t, row)
+        # t's value costs nothing to read on CPU; on a GPU it would wait for the device
+        table = self._time_table(times) if times and model.device.type == 'cpu' else {}
+        lookup = (lambda t: table.get(t.item())) if table else (lambda t: None)
+        graphed = GraphedFunction(lambda x, t: run(x, t, lookup(t)), enabled = self.cuda_graphs)
         return lambda t, x: graphed(x, t)
+
+    def _time_table(self, times: tuple[float, ...]) -> dict[float, tuple[Tensor, ...]]:
+        """The time conditioning at each of `times`, computed in one batch: {t: (its embedding
+        Float['1 d'], and with adaptive conditioning that embedding's projection Float['1 p'])}.
+        Computed per evaluation instead, each would read the time MLP's and the adaptive
+        projection's weights for a single row (the projection is depth * 6 * d^2 weights).
+        Rows are copies, not views: a replay takes no views (replay.py)."""
+        modalities = self.model.modalities
+        embeddings = modalities.time_embedding(torch.tensor(times, device = self.model.device))
+        parts = [embeddings] + ([modalities.adaptive.project(embeddings)] if modalities.adaptive is not None else [])
+        return {t: tuple(part[k:k + 1].clone() for part in parts) for k, t in enumerate(times)}
 
     def commit(self, rows: list[int], modality: int, shape: tuple[int, ...], x1: Tensor) -> Tensor:
         model, b = self.model, x1.shape[0]
@@ -225,17 +251,22 @@ class CachedRunner:
 
 
 def evaluate_instance(runner: CachedRunner, context: StepContext, modality: int, shape: tuple[int, ...], cfg_scale: float,
-                      x: Tensor, t: Tensor) -> Tensor:
+                      x: Tensor, t: Tensor | None, precomputed: tuple[Tensor, ...] | None = None) -> Tensor:
     """One evaluation of the flow field for instances x Float['b L c'] at time t Float[''] over the
     runner's cache, with the step context built beforehand; returns the velocity Float['b L c'].
-    With guidance (cfg_scale != 1) the context holds each row twice, the copies isolated. The
-    blocks run uncompiled: either the whole evaluation is compiled (compiled_evaluation) or the
-    device's steps do not use the compiled blocks."""
+    precomputed: the time conditioning at t, computed beforehand (CachedRunner._time_table); t
+    is then not read. With guidance (cfg_scale != 1) the context holds each row twice, the
+    copies isolated. The blocks run uncompiled: either the whole evaluation is compiled
+    (compiled_evaluation) or the device's steps do not use the compiled blocks."""
     model = runner.model
     guided = cfg_scale != 1
     x_all = torch.cat((x, x)) if guided else x
-    tokens, time_embedding = runner._instance_tokens(modality, x_all, shape, t.reshape(1).expand(x_all.shape[0]))
-    hidden = runner._run(context, tokens, time_embedding, compiled = False)
+    rows = x_all.shape[0]
+    embedding, *projected = precomputed or (None,)
+    times = t.reshape(1).expand(rows) if precomputed is None else None
+    tokens, time_embedding = runner._instance_tokens(modality, x_all, shape, times, embedding)
+    projected = projected[0].expand(rows, -1) if projected else None
+    hidden = runner._run(context, tokens, time_embedding, compiled = False, projected = projected)
     velocity = model.modalities.velocity(modality, hidden, x_all.to(hidden.dtype), shape).to(x.dtype)   # the ODE state's dtype
     if not guided:
         return velocity
@@ -309,7 +340,8 @@ class UncachedRunner:
             self._append_tokens(r, [token])
         return self._last_logits(rows)
 
-    def velocity_field(self, rows: list[int], modality: int, shape: tuple[int, ...], cfg_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+    def velocity_field(self, rows: list[int], modality: int, shape: tuple[int, ...], cfg_scale: float,
+                       times: tuple[float, ...] = ()) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda t, x: self._velocity(rows, modality, shape, x, t, cfg_scale)
 
     def _velocity(self, rows: list[int], modality: int, shape: tuple[int, ...], x: Tensor, t: Tensor, cfg_scale: float) -> Tensor:

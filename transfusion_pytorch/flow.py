@@ -10,6 +10,7 @@ Sampling integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 with torchdiffeq
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 from jaxtyping import Float
@@ -74,3 +75,21 @@ def integrate(
         grid = grid[[0, -1]]
     trajectory = odeint(velocity, noise, grid, method = method, **options)
     return trajectory[-1]
+
+
+@lru_cache(maxsize = None)
+def evaluation_times(steps: int, method: str, dtype: torch.dtype = torch.float32) -> tuple[float, ...]:
+    """The times at which `integrate(velocity, noise, steps, method)` on CPU, with noise of
+    `dtype`, calls `velocity`: each once, in order of first call, as the values of the t it
+    passes. () for the adaptive methods, whose times depend on the velocity. Found by solving
+    dx/dt = 0 once per (steps, method, dtype)."""
+    if method not in FIXED_GRID_METHODS:
+        return ()
+    seen: dict[float, None] = {}
+
+    def record(t: Tensor, x: Tensor) -> Tensor:
+        seen.setdefault(t.item())
+        return torch.zeros_like(x)
+
+    integrate(record, torch.zeros(1, dtype = dtype), steps, method)
+    return tuple(seen)

@@ -70,9 +70,15 @@ class AdaptiveConditioning(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def per_block(self, time_embedding: Tensor, token_instance: Tensor) -> list[Modulation]:
-        """time_embedding Float['i d']; token_instance Int['b n'] (-1: not modulated)."""
-        params = rearrange(run_linear(self.proj, F.silu(time_embedding)), 'i (l six d) -> l i six d', l = self.depth, six = 6)
+    def project(self, time_embedding: Tensor) -> Tensor:
+        """Float['i d'] -> every block's parameters for those instances, Float['i (l six d)']."""
+        return run_linear(self.proj, F.silu(time_embedding))
+
+    def per_block(self, time_embedding: Tensor, token_instance: Tensor, projected: Tensor | None = None) -> list[Modulation]:
+        """time_embedding Float['i d']; token_instance Int['b n'] (-1: not modulated); projected:
+        project(time_embedding) when computed beforehand."""
+        projected = self.project(time_embedding) if projected is None else projected
+        params = rearrange(projected, 'i (l six d) -> l i six d', l = self.depth, six = 6)
         params = F.pad(params, (0, 0, 0, 0, 0, 1))                                   # row i = zeros
         index = torch.where(token_instance >= 0, token_instance, params.shape[1] - 1)
         return [Modulation(*layer[index].unbind(dim = -2)) for layer in params]     # each (b, n, d)

@@ -208,7 +208,8 @@ class Sampler:
             torch.randn((count, spec.dim_latent), generator = r.generator, device = model.device) for r in rows
         ]).to(torch.promote_types(weights, torch.float32))
         indices = [r.index for r in rows]
-        field = self.runner.velocity_field(indices, modality, shape, options.cfg_scale)
+        times = flow.evaluation_times(options.modality_steps, options.ode_method, noise.dtype)
+        field = self.runner.velocity_field(indices, modality, shape, options.cfg_scale, times)
         x1 = flow.integrate(field, noise, options.modality_steps, options.ode_method)
         latents = torch.stack([model.to_user_layout(modality, x.reshape(*shape, -1)) for x in x1]).to(weights)
         decoded = model.modalities.decode(modality, latents)
