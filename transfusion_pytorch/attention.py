@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from . import experts as experts_module
 from .experts import Routing
 from .masks import AttentionMask
+from .packed_linear import BlockPacks
 from .positions import apply_rotary
 
 _compiled_flex_attention = None
@@ -98,6 +99,7 @@ class Attention(nn.Module):
         first_values: Tensor | None = None,
         cache: tuple[Tensor, Tensor, Tensor] | None = None,
         routing: Routing | None = None,
+        packs: BlockPacks | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x: Float['b n d']. rotary: (cos, sin) for the n tokens.
         first_values: the first layer's values Float['b h n e'] (value residual learning).
@@ -106,9 +108,11 @@ class Attention(nn.Module):
             Int['b n']; attention then runs over all k slots and `mask` must hide those not
             yet written.
         routing: which expert projections each token uses (mixture of experts by modality).
+        packs: the block's MKL-packed weights (packed_linear.py), or None.
         Returns the output Float['b n d'] and this layer's values (for value residual learning).
         """
-        qkv = experts_module.apply(self.to_qkv, x, routing)
+        packs = packs or BlockPacks()
+        qkv = experts_module.apply(self.to_qkv, x, routing, packs.qkv)
         q, k, v = rearrange(qkv, 'b n (three h e) -> three b h n e', three = 3, h = self.heads)
         if self.to_value_mix is not None and first_values is not None:
             mix = rearrange(self.to_value_mix(x).sigmoid(), 'b n h -> b h n 1')
@@ -134,7 +138,7 @@ class Attention(nn.Module):
         # dropout on the heads' output, not on the attention weights: flex attention has no
         # dropout of its weights, and the same config must train the same model on every backend
         out = F.dropout(rearrange(out, 'b h n e -> b n (h e)'), self.dropout, self.training)
-        return experts_module.apply(self.to_out, out, routing), values
+        return experts_module.apply(self.to_out, out, routing, packs.attn_out), values
 
 
 def write_to_cache(cache: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,6 +30,7 @@ from .experts import Routing
 from .graphs import GraphedFunction
 from .kv_cache import KVCache
 from .masks import AttentionMask, prefix_mask
+from .packed_linear import BlockPacks, block_packs
 from .replay import RecordedRegion, Replayed, recorded_region
 from .token_layout import step_alibi, step_positions, step_routing
 from .transfer import host_to_device
@@ -72,6 +73,7 @@ class StepContext:
     token_instance: Tensor | None        # Int['b q'] adaptive-conditioning instance per token (-1: none)
     subset: Tensor | None                # Int['b'] rows of the runner's cache when `cache` is a copy
     slots: Tensor                        # Int['b q'] the cache slots the step writes
+    packs: list[BlockPacks] | None = None   # per block, its weights packed by MKL (ODE evaluations on CPU)
 
 
 class CachedRunner:
@@ -146,7 +148,7 @@ class CachedRunner:
         if context.token_instance is not None and time_embedding is not None:
             modulations = model.modalities.adaptive.per_block(time_embedding, context.token_instance, projected)
         return model.transformer(x, context.positions, context.mask, modulations, cache = context.views,
-                                 compiled = compiled, routing = context.routing, rotary = context.rotary)
+                                 compiled = compiled, routing = context.routing, rotary = context.rotary, packs = context.packs)
 
     def _persist(self, context: StepContext) -> None:
         if context.subset is not None:
@@ -210,6 +212,7 @@ class CachedRunner:
         context = self._context(all_rows, n, span, modality, token_shape, isolated)
         compiled = model.config.transformer.compile_blocks and model.device.type in COMPILED_STEP_DEVICES
         if compiled:
+            context.packs = block_packs(model, len(all_rows) * n)
             region = compiled_evaluation(model)
             at_time = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region)
             at_row = Replayed(lambda x, *row: region.fn(self, context, modality, shape, cfg_scale, x, None, row), region)

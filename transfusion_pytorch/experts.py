@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .packed_linear import Pack, packed_product
+
 TEXT_EXPERT = 0
 
 
@@ -69,12 +71,14 @@ def linear(dim_in: int, dim_out: int, experts: int, bias: bool = True) -> nn.Mod
     return nn.Linear(dim_in, dim_out, bias = bias) if experts == 1 else ExpertLinear(dim_in, dim_out, experts, bias)
 
 
-def apply(layer: nn.Module, x: Tensor, routing: Routing | None) -> Tensor:
-    return layer(x, routing) if isinstance(layer, ExpertLinear) else run_linear(layer, x)
+def apply(layer: nn.Module, x: Tensor, routing: Routing | None, pack: Pack | None = None) -> Tensor:
+    """layer(x) for one expert or several; pack: the weight packed by MKL (single expert only)."""
+    return layer(x, routing) if isinstance(layer, ExpertLinear) else run_linear(layer, x, pack)
 
 
-def run_linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x), with the bias added apart from the product when compiled for a CPU.
+def run_linear(layer: nn.Linear, x: Tensor, pack: Pack | None = None) -> Tensor:
+    """layer(x), with the bias added apart from the product when compiled for a CPU; by the
+    weight's MKL pack where one is given (packed_linear.py).
 
     There Inductor keeps the fused addmm, which first copies the broadcast bias into the output
     and then accumulates the product onto it. In the compiled 64-token modality step on 2 cores
@@ -84,6 +88,9 @@ def run_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     costs 12 to 17 us more than mm at these shapes; the product is then rounded to bf16 before
     the fp32 bias is added (autocast_weights leaves biases in fp32 on CPU). On GPUs Inductor
     unfuses such adds itself, except in half precision: there the fused form stays."""
+    if pack is not None:
+        out = packed_product(layer, x, pack)
+        return out if layer.bias is None else out + layer.bias
     if layer.bias is not None and torch.compiler.is_compiling() and x.device.type == 'cpu':
         out = F.linear(x, layer.weight)
         return (out + layer.bias).to(out.dtype)    # under autocast: the product's dtype, as layer(x)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .compiling import compile_region
+from .packed_linear import calls_packed_products
 
 
 class RecordingInductor:
@@ -48,7 +49,8 @@ class RecordingInductor:
 
     def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx
-        graph = compile_fx(graph_module, example_inputs, config_patches = self.options)
+        with calls_packed_products():
+            graph = compile_fx(graph_module, example_inputs, config_patches = self.options)
 
         def run(*arguments):
             outputs = graph(*arguments)

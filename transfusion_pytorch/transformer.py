@@ -27,6 +27,7 @@ from .config import TransformerConfig
 from .debug import typechecked
 from .experts import Routing
 from .masks import AttentionMask
+from .packed_linear import BlockPacks
 from .positions import RotaryEmbedding
 
 
@@ -50,11 +51,13 @@ class FeedForward(nn.Module):
         self.to_out = experts_module.linear(dim_hidden, dim, experts)
         self.pad = -dim_hidden % pad_multiple if experts == 1 else 0
 
-    def forward(self, x: Tensor, routing: Routing | None = None) -> Tensor:
+    def forward(self, x: Tensor, routing: Routing | None = None, packs: BlockPacks | None = None) -> Tensor:
+        """packs: the block's MKL-packed weights (packed_linear.py), or None."""
         if self.pad:
             return self._padded(x)
-        hidden, gate = experts_module.apply(self.to_hidden, x, routing).chunk(2, dim = -1)
-        return experts_module.apply(self.to_out, self.dropout(hidden * F.silu(gate)), routing)
+        packs = packs or BlockPacks()
+        hidden, gate = experts_module.apply(self.to_hidden, x, routing, packs.ff_in).chunk(2, dim = -1)
+        return experts_module.apply(self.to_out, self.dropout(hidden * F.silu(gate)), routing, packs.ff_out)
 
     def _padded(self, x: Tensor) -> Tensor:
         """The same function with `pad` extra hidden units whose weights and biases are zero:
@@ -99,11 +102,12 @@ class Block(nn.Module):
         modulation: Modulation | None = None,
         cache: tuple[Tensor, Tensor, Tensor] | None = None,
         routing: Routing | None = None,
+        packs: BlockPacks | None = None,
     ) -> tuple[Tensor, Tensor]:
         normed = self.attn_norm(x)
         if modulation is not None:
             normed = normed * (1 + modulation.attn_scale) + modulation.attn_shift
-        attn_out, values = self.attn(normed, rotary, mask, first_values = first_values, cache = cache, routing = routing)
+        attn_out, values = self.attn(normed, rotary, mask, first_values = first_values, cache = cache, routing = routing, packs = packs)
         if modulation is not None:
             attn_out = attn_out * (1 + modulation.attn_gate)
         x = x + attn_out
@@ -111,7 +115,7 @@ class Block(nn.Module):
         normed = self.ff_norm(x)
         if modulation is not None:
             normed = normed * (1 + modulation.ff_scale) + modulation.ff_shift
-        ff_out = self.ff(normed, routing)
+        ff_out = self.ff(normed, routing, packs)
         if modulation is not None:
             ff_out = ff_out * (1 + modulation.ff_gate)
         return x + ff_out, values
@@ -165,6 +169,7 @@ class Transformer(nn.Module):
         compiled: bool = True,
         routing: Routing | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
+        packs: list[BlockPacks] | None = None,
     ) -> Float[Tensor, 'b n d']:
         """x: Float['b n d'] embeddings; positions: Int['b n'] or Int['1 n'] rotary positions.
         modulations: one per block, or None. cache: per block (keys, values, write_positions)
@@ -172,17 +177,20 @@ class Transformer(nn.Module):
         compile_blocks is on (False inside a region compiled as a whole, and on the uncompiled
         reference paths). routing: the expert of each token when the config has several
         experts (None: expert 0). rotary: self.rotary(positions) computed beforehand, for steps
-        repeated at the same positions (ODE evaluations); None computes it here. Returns
+        repeated at the same positions (ODE evaluations); None computes it here. packs: per
+        block, its weights packed by MKL for these rows (packed_linear.py), or None; used only
+        uncompiled here (inside a region that compiles them itself, the ODE evaluation). Returns
         Float['b n d'] after the final norm."""
         compiled = compiled and self.config.compile_blocks
         if compiled and self.config.compile_stack:
             if self._compiled_stack is None:
                 self._compiled_stack = compile_region(self._run_stack, self.config.compile_options_dict)
-            return self._compiled_stack(x, positions, mask, modulations, cache, routing, rotary, compiled_blocks = False)
-        return self._run_stack(x, positions, mask, modulations, cache, routing, rotary, compiled_blocks = compiled)
+            return self._compiled_stack(x, positions, mask, modulations, cache, routing, rotary, None, compiled_blocks = False)
+        return self._run_stack(x, positions, mask, modulations, cache, routing, rotary, None if compiled else packs, compiled_blocks = compiled)
 
     def _run_stack(self, x: Tensor, positions: Tensor, mask: AttentionMask, modulations: list[Modulation] | None,
-                   cache: list | None, routing: Routing | None, rotary: tuple[Tensor, Tensor] | None, compiled_blocks: bool) -> Tensor:
+                   cache: list | None, routing: Routing | None, rotary: tuple[Tensor, Tensor] | None,
+                   packs: list[BlockPacks] | None, compiled_blocks: bool) -> Tensor:
         """The blocks and the final norm; what compile_stack compiles as one region."""
         if rotary is None:
             rotary = self.rotary(positions)
@@ -197,7 +205,8 @@ class Transformer(nn.Module):
             if use_checkpoint:
                 x, values = checkpoint(block, x, rotary, mask, first_values, modulation, layer_cache, routing, use_reentrant = False)
             else:
-                x, values = block(x, rotary, mask, first_values, modulation, layer_cache, routing)
+                x, values = block(x, rotary, mask, first_values, modulation, layer_cache, routing,
+                                  packs[index] if packs is not None else None)
             if self.skip_merges is not None and index < len(blocks) // 2:
                 skips.append(x)
             if index == 0 and self.config.value_residual:

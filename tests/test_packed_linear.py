@@ -1,0 +1,91 @@
+"""MKL-packed weights in the compiled ODE evaluation on CPU: the same samples as the ordinary
+products, the packed products really run, a weight changed in place is packed again, the packs
+stay out of copies and pickles, and Inductor's own lowering of mkl::_mkl_linear is restored."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import randint
+
+from conftest import tiny_model
+from test_autocast_weights import randomized
+from transfusion_pytorch import packed_linear
+
+pytestmark = pytest.mark.skipif(not packed_linear.available(), reason = 'needs a PyTorch built with MKL')
+
+COMPILED = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, compile_blocks = True)
+
+
+def generate(model, packed: bool, monkeypatch, **kwargs):
+    monkeypatch.setattr(packed_linear, 'ENABLED', packed)
+    return model.generate_modality_only(2, 1, (5,), modality_steps = 4, seed = 0, **kwargs)
+
+
+def packed_products(model, monkeypatch) -> int:
+    """How many products by packed weights one call runs (the profiler sees the op's calls
+    from the compiled code too)."""
+    with torch.profiler.profile() as profile:
+        generate(model, True, monkeypatch)
+    return sum(event.count for event in profile.key_averages() if event.key == 'mkl::_mkl_linear')
+
+
+@pytest.mark.parametrize('options', [{}, {'cpp_wrapper': True}], ids = ['python-wrapper', 'cpp-wrapper'])
+def test_packed_evaluations_sample_like_ordinary_products(options, monkeypatch):
+    model = randomized(tiny_model(transformer = dict(COMPILED, compile_options = options)))
+    packed, ordinary = generate(model, True, monkeypatch), generate(model, False, monkeypatch)
+    torch.testing.assert_close(packed, ordinary, atol = 1e-5, rtol = 1e-5)
+    assert len(model.__dict__['_packed_linears']) == 4 * 2          # qkv, attention out, feed-forward in and out, per block
+    # 4 midpoint steps, 2 evaluations each, 4 products per block, 2 blocks
+    assert packed_products(model, monkeypatch) == 8 * 4 * 2
+
+
+def test_guided_evaluations_pack_for_their_doubled_rows(monkeypatch):
+    model = randomized(tiny_model(transformer = COMPILED))
+    packed, ordinary = generate(model, True, monkeypatch, cfg_scale = 2.), generate(model, False, monkeypatch, cfg_scale = 2.)
+    torch.testing.assert_close(packed, ordinary, atol = 1e-5, rtol = 1e-5)
+    rows = {pack.rows for _, pack in model.__dict__['_packed_linears'].values()}
+    assert rows == {2 * 2 * 5}                                        # 2 samples, each twice, 5 tokens
+
+
+def test_a_weight_changed_in_place_is_packed_again(monkeypatch):
+    """An optimizer step writes the weights in place; a pack of the old weights would sample
+    the old model."""
+    model = randomized(tiny_model(transformer = COMPILED))
+    before = generate(model, True, monkeypatch)
+    optimizer = torch.optim.SGD(model.parameters(), lr = 0.5)
+    model.train()
+    model([[randint(0, 16, (6,)), (1, torch.randn(5, 4))]]).backward()
+    optimizer.step()
+    model.eval()
+    after, reference = generate(model, True, monkeypatch), generate(model, False, monkeypatch)
+    assert not torch.allclose(after, before, atol = 1e-3)
+    torch.testing.assert_close(after, reference, atol = 1e-5, rtol = 1e-5)
+
+
+def test_packs_are_left_out_of_copies_and_pickles(monkeypatch):
+    model = randomized(tiny_model(transformer = COMPILED))
+    first = generate(model, True, monkeypatch)
+    assert model.__dict__['_packed_linears']
+    twin = copy.deepcopy(model)                                       # MKL's packed tensors cannot be copied
+    assert '_packed_linears' not in twin.__dict__
+    torch.save(model, io.BytesIO())
+    torch.testing.assert_close(generate(twin, True, monkeypatch), first, atol = 1e-5, rtol = 1e-5)
+
+
+def test_no_packs_with_gradients_or_autocast():
+    model = tiny_model(transformer = COMPILED)
+    with torch.no_grad():
+        assert packed_linear.block_packs(model, 10) is not None
+        with torch.autocast('cpu', dtype = torch.bfloat16):
+            assert packed_linear.block_packs(model, 10) is None
+    assert packed_linear.block_packs(model, 10) is None                # mkl::_mkl_linear has no backward
+
+
+def test_inductors_own_lowering_is_restored():
+    from torch._inductor import lowering
+    op = torch.ops.mkl._mkl_linear.default
+    own = lowering.lowerings.get(op)
+    with packed_linear.calls_packed_products():
+        assert lowering.lowerings.get(op) is not own
+    assert lowering.lowerings.get(op) is own
