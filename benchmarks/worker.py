@@ -62,8 +62,9 @@ def cpu_name() -> str:
 
 
 def flop_counter():
-    """FlopCounterMode that also counts SDPA's CPU kernel. torch's table leaves that kernel out
-    (it counts 0 for it); here it gets the dense formula torch uses for the CUDA kernels."""
+    """FlopCounterMode that also counts SDPA's CPU kernel and MKL's packed-weight product (ours
+    samples with it on CPU). torch's table leaves both out (it counts 0 for them); here SDPA gets
+    the dense formula torch uses for the CUDA kernels, the packed product that of its matmul."""
     from torch.utils import flop_counter
     aten = torch.ops.aten
 
@@ -73,9 +74,17 @@ def flop_counter():
     def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
-    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
-                aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
-    return flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
+    def packed_linear(x_shape, packed_shape, weight_shape, *args, out_shape=None, **kwargs):
+        rows = 1
+        for size in x_shape[:-1]:
+            rows *= size
+        return 2 * rows * weight_shape[0] * weight_shape[1]
+
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+    if hasattr(getattr(torch.ops, 'mkl', None), '_mkl_linear'):
+        mapping[torch.ops.mkl._mkl_linear] = packed_linear
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def count_nfe_and_flops(model, task: Task, side: str) -> tuple[int | None, float | None]:
