@@ -82,6 +82,35 @@ def test_runners_agree_on_steps_over_subsets_of_rows(make_model, modality, shape
     both.call('feed', [0, 2], [13, 14])
 
 
+@pytest.mark.parametrize('cfg_scale', [1., 2.5])
+@torch.no_grad()
+def test_an_instance_after_equal_prefixes_attends_without_a_mask(cfg_scale, monkeypatch):
+    """Rows of equal length whose visible slots end with the instance: every new token sees every
+    slot, so the step attends without a mask (not with guidance, whose copies are isolated);
+    its velocities equal the uncached reference's."""
+    model = tiny_model().eval()
+    modality, shape = 1, (3,)
+    probe = Both(model, 1, 64)
+    probe.call('prefill', 0, sampling.model_items(model, [randint(0, 16, (4,))])[0])
+    probe.open_instance([0], modality, shape)
+    # prompts of a length whose instance ends at slot 64, where the visible slots end
+    length = 4 + decoding.VISIBLE_SLOTS_MULTIPLE - 3 - probe.runners[0].lengths[0]
+    prompts = [randint(0, 16, (length,)), randint(0, 16, (length,))]
+    both = Both(model, 2, 80)
+    for row, items in enumerate(sampling.model_items(model, prompts)):
+        both.call('prefill', row, items)
+    both.open_instance([0, 1], modality, shape)
+    masks, context = [], decoding.CachedRunner._context
+
+    def recording(runner, *args, **kwargs):
+        built = context(runner, *args, **kwargs)
+        masks.append(built.mask)
+        return built
+    monkeypatch.setattr(decoding.CachedRunner, '_context', recording)
+    both.instance([0, 1], modality, shape, cfg_scale)
+    assert (masks[0].dense is None) == (cfg_scale == 1.)
+
+
 def test_cache_rows_and_slot_copies_follow_a_loop_over_rows():
     """rows() copies the first `visible` slots of the given rows; copy_slots_ writes row i of the
     source, slots[i], into destination row i (rows at different slots, in any order) and

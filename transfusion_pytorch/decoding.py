@@ -114,7 +114,14 @@ class CachedRunner:
         slots = starts[:, None] + torch.arange(q, device = device)
         visible = self._visible_slots(rows, q)
         alibi = step_alibi(model, shape) if shape is not None else None
-        mask = prefix_mask(starts, q, visible, bidirectional_span = span, isolated = isolated, instance_bias = alibi)
+        lengths = {self.lengths[r] for r in rows}
+        if isolated is None and alibi is None and span == q and lengths == {visible - q}:
+            # every new token sees every visible slot (one instance after equally long prefixes):
+            # attention without a mask, where SDPA first turned the boolean mask into a float one
+            # (64 queries over 70 keys, 4 heads: 95 -> 72 us a call, measured alone)
+            mask = AttentionMask()
+        else:
+            mask = prefix_mask(starts, q, visible, bidirectional_span = span, isolated = isolated, instance_bias = alibi)
         token_instance = None
         if model.modalities.adaptive is not None and latents:
             token_instance = torch.arange(b, device = device)[:, None].expand(-1, q)
