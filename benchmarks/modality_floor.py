@@ -2,7 +2,8 @@
 
 Records every matrix product (aten mm / addmm / bmm / baddbmm) that one eager call of the
 `gen_modality` workload makes with our model (the same shapes, steps and settings as
-`worker.py --workload gen_modality`), then:
+`worker.py --workload gen_modality`, but with ordinary products where the sampler multiplies
+by MKL-packed weights), then:
 
 - replays just those products, in the order recorded, as plain mm / bmm (an addmm's bias is
   left out: compiled CPU code adds it in the next element-wise kernel, see
@@ -107,6 +108,8 @@ def main():
     model, _ = workloads.build_model('ours', cfg, torch.device('cpu'))
     task = workloads.gen_modality(model, cfg)
     recorder = RecordMatmuls()
+    from transfusion_pytorch import packed_linear
+    packed_linear.ENABLED = False     # record the block products as ordinary products, not MKL-packed ones
     with workloads.force_eager(), recorder:
         task.count_step()
     total = sum(flops(func, layout) for func, layout in recorder.calls)
