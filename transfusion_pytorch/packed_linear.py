@@ -9,8 +9,9 @@ perf over 64-token evaluations at dim 256, depth 4 on 2 cores, that copy
 multiplication kernel itself. MKL can pack a weight once (cblas_sgemm_pack) and multiply by the
 packed form (cblas_sgemm_compute); PyTorch exposes both as mkl::_mkl_reorder_linear_weight and
 mkl::_mkl_linear. With them, generate_modality_only (64 latent tokens, 30 evaluations, fp32)
-took 180 instead of 207 ms a call (medians of 20 calls, the two models alternating in one
-process).
+took 152.6 instead of 170.6 ms a call (medians of 20 calls, packing on and off alternating in
+one process). A solve whose row count differs from the last one's packs again (about 3 ms for
+these 16 weights).
 
 Used only where it is safe and pays: fp32 products (MKL's packed sgemm), no autocast, no
 gradients (mkl::_mkl_linear has no backward), single-expert layers, and inside the compiled
