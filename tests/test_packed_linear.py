@@ -44,7 +44,7 @@ def test_guided_evaluations_pack_for_their_doubled_rows(monkeypatch):
     model = randomized(tiny_model(transformer = COMPILED))
     packed, ordinary = generate(model, True, monkeypatch, cfg_scale = 2.), generate(model, False, monkeypatch, cfg_scale = 2.)
     torch.testing.assert_close(packed, ordinary, atol = 1e-5, rtol = 1e-5)
-    rows = {pack.rows for _, pack in model.__dict__['_packed_linears'].values()}
+    rows = {entry[-1].rows for entry in model.__dict__['_packed_linears'].values()}
     assert rows == {2 * 2 * 5}                                        # 2 samples, each twice, 5 tokens
 
 

@@ -29,6 +29,7 @@ Glossary: b rows, n tokens, i input features, o output features.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -84,15 +85,18 @@ def block_packs(model, rows: int) -> list[BlockPacks] | None:
 
 
 def _pack(cache: dict, layer: nn.Module | None, rows: int) -> Pack | None:
+    """The layer's pack for `rows` rows, packed again unless the cached one is of this very
+    weight (a weak reference: a new layer may reuse a freed one's id and memory), at the same
+    storage and version."""
     if layer is None or not _packable(layer):
         return None
     weight = layer.weight
-    key = (weight.data_ptr(), weight._version, rows)
+    state = (weight.data_ptr(), weight._version, rows)
     entry = cache.get(id(layer))
-    if entry is None or entry[0] != key:
-        entry = (key, Pack(torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows), rows))
+    if entry is None or entry[0]() is not weight or entry[1] != state:
+        entry = (weakref.ref(weight), state, Pack(torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows), rows))
         cache[id(layer)] = entry
-    return entry[1]
+    return entry[2]
 
 
 def packed_product(layer: nn.Linear, x: Tensor, pack: Pack) -> Tensor:
