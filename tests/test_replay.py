@@ -36,7 +36,7 @@ def make(fn = step, fresh_argument = False):
         call = lambda x, t: region.fn(x, t, weight, state.clone())
     else:
         call = lambda x, t: region.fn(x, t, weight, state)
-    return Replayed(call, region), region, weight, state
+    return Replayed(call, region, torch.device('cpu')), region, weight, state
 
 
 def check_against_eager(replayed, weight, state, shape = (3, 4)):

@@ -357,3 +357,29 @@ def test_float64_model_under_autocast_decodes_with_a_float64_cache():
         cached = model.generate_text_only(prompt, 12, temperature = 0., cache_kv = True)
         uncached = model.generate_text_only(prompt, 12, temperature = 0., cache_kv = False)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize('temperature', [0., 1.])
+def test_a_cpu_decoding_loop_replays_its_compiled_step_with_the_same_tokens(temperature):
+    """On CPU the loop calls the compiled step's graph directly from its third step on: only two
+    steps go through torch.compile, and the tokens (sampled ones too, from the same seed) equal
+    those of a loop whose every step goes through torch.compile."""
+    model = text_model()
+    prompt = torch.randint(0, 32, (2, 3))
+    model.generate_text_only(prompt, 20, temperature = temperature, compile_step = True)
+    decoder = next(iter(model._text_decoders.values()))
+    region, compiled = decoder.region, decoder.step
+    through_compile = []
+    decoder.step = lambda *arguments: through_compile.append(1) or compiled(*arguments)
+    torch.manual_seed(5)
+    replayed = model.generate_text_only(prompt, 20, temperature = temperature, compile_step = True)
+    assert len(through_compile) == 2
+    decoder.region = None   # every step through torch.compile
+    torch.manual_seed(5)
+    expected = model.generate_text_only(prompt, 20, temperature = temperature, compile_step = True)
+    assert len(through_compile) == 2 + 16
+    assert torch.equal(replayed, expected)
+    decoder.region = region
+    greedy = model.generate_text_only(prompt, 20, temperature = 0., compile_step = False)
+    if temperature == 0:
+        assert torch.equal(replayed, greedy)

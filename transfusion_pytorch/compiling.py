@@ -20,11 +20,12 @@ import torch
 BLOCK_VERSIONS = 32
 
 
-def compile_region(fn, options: dict | None, backend = None):
+def compile_region(fn, options: dict | None, backend = None, **settings):
     """torch.compile with room for BLOCK_VERSIONS compiled versions: a recompile_limit for this
     region where torch.compile takes one, else torch._dynamo's global limit raised (never lowered).
-    backend: a Dynamo backend in place of Inductor with `options` (which it then applies itself)."""
-    how = dict(options = options) if backend is None else dict(backend = backend)
+    backend: a Dynamo backend in place of Inductor with `options` (which it then applies itself).
+    settings: more torch.compile arguments (fullgraph, dynamic)."""
+    how = dict(options = options, **settings) if backend is None else dict(backend = backend, **settings)
     if 'recompile_limit' in inspect.signature(torch.compile).parameters:
         return torch.compile(fn, recompile_limit = BLOCK_VERSIONS, **how)
     config = torch._dynamo.config

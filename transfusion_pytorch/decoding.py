@@ -221,8 +221,8 @@ class CachedRunner:
         if compiled:
             context.packs = block_packs(model, len(all_rows) * n)
             region = compiled_evaluation(model)
-            at_time = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region)
-            at_row = Replayed(lambda x, *row: region.fn(self, context, modality, shape, cfg_scale, x, None, row), region)
+            at_time = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region, model.device)
+            at_row = Replayed(lambda x, *row: region.fn(self, context, modality, shape, cfg_scale, x, None, row), region, model.device)
             # torchdiffeq passes t as a view of its time grid at the steps and as a new tensor
             # between them: torch.compile compiles a version for each, and a replay takes no views
             run = lambda x, t, row: at_time(x, t.clone()) if row is None else at_row(x, *row)

@@ -66,10 +66,11 @@ class RecordedRegion:
     recorder: RecordingInductor
 
 
-def recorded_region(fn: Callable, options: dict | None) -> RecordedRegion:
-    """fn compiled with Inductor (options as torch.compile's), recording its graph calls."""
+def recorded_region(fn: Callable, options: dict | None, **settings) -> RecordedRegion:
+    """fn compiled with Inductor (options as torch.compile's), recording its graph calls.
+    settings: more torch.compile arguments (fullgraph, dynamic)."""
     recorder = RecordingInductor(options)
-    return RecordedRegion(compile_region(fn, None, backend = recorder), recorder)
+    return RecordedRegion(compile_region(fn, None, backend = recorder, **settings), recorder)
 
 
 def _modes(device: torch.device) -> tuple:
@@ -79,11 +80,12 @@ def _modes(device: torch.device) -> tuple:
             torch.get_autocast_dtype(device.type) if autocast else None)
 
 
-def _signature(inputs: tuple[Tensor, ...]) -> tuple:
+def _signature(inputs: tuple[Tensor, ...], device: torch.device) -> tuple:
     """What a replay checks of the changing inputs: their layout, and that they are not views
-    (which could alias the region's other tensors; torch.compile guards views apart)."""
+    (which could alias the region's other tensors; torch.compile guards views apart); and the
+    modes on the region's device."""
     layouts = tuple((value.shape, value.stride(), value.dtype, value.device, value._base is None) for value in inputs)
-    return layouts, _modes(inputs[0].device)
+    return layouts, _modes(device)
 
 
 def _same(a, b) -> bool:
@@ -107,19 +109,20 @@ class _Plan:
 
 
 class Replayed:
-    """fn(*inputs) -> Tensor for `inputs` (tensors) that change between calls, everything else
-    fn reads staying as it is (see the module docstring); after two calls through torch.compile
-    that agree, later calls call the recorded graph directly."""
+    """fn(*inputs) -> Tensor for `inputs` (tensors, possibly none) that change between calls,
+    everything else fn reads staying as it is (see the module docstring); after two calls through
+    torch.compile that agree, later calls call the recorded graph directly. device: the region's."""
 
-    def __init__(self, fn: Callable[..., Tensor], region: RecordedRegion):
+    def __init__(self, fn: Callable[..., Tensor], region: RecordedRegion, device: torch.device):
         self.fn = fn
+        self.device = torch.device(device)
         self.recorder = region.recorder
         self.candidate: _Plan | None = None
         self.plan: _Plan | None = None
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         plan = self.plan
-        if plan is not None and _signature(inputs) == plan.signature:
+        if plan is not None and _signature(inputs, self.device) == plan.signature:
             arguments = list(plan.arguments)
             for position, value in zip(plan.positions, inputs):
                 arguments[position] = value
@@ -134,7 +137,7 @@ class Replayed:
             latest = recorder.latest if recorder.calls == 1 else None
         finally:
             recorder.latest = None   # it holds the call's tensors
-        plan = _plan(latest, inputs, result) if self.plan is None else None
+        plan = _plan(latest, inputs, result, self.device) if self.plan is None else None
         if plan is not None and self.candidate is not None and plan.matches(self.candidate):
             self.plan, self.candidate = plan, None
         else:
@@ -142,7 +145,7 @@ class Replayed:
         return result
 
 
-def _plan(latest: tuple | None, inputs: tuple[Tensor, ...], result: Tensor) -> _Plan | None:
+def _plan(latest: tuple | None, inputs: tuple[Tensor, ...], result: Tensor, device: torch.device) -> _Plan | None:
     """How to replay the recorded graph call `latest` with new inputs, or None where it cannot
     stand for the whole call: each input passed once, the result one of its outputs."""
     if latest is None:
@@ -154,4 +157,4 @@ def _plan(latest: tuple | None, inputs: tuple[Tensor, ...], result: Tensor) -> _
         return None
     positions = [found[0] for found in positions]
     arguments = [None if i in positions else argument for i, argument in enumerate(arguments)]
-    return _Plan(graph, arguments, positions, output[0], _signature(inputs))
+    return _Plan(graph, arguments, positions, output[0], _signature(inputs, device))
