@@ -68,8 +68,9 @@ class TextDecoder:
 
     A step reads the last token and the position from buffers it updates in place, samples the
     next token inside the step and takes no arguments: nothing changes shape or address between
-    steps, so the compiled step is captured once by CUDA graphs (on a GPU) and replayed, and on
-    any device each token costs one call. The LM head computes text logits only."""
+    steps, so the compiled step is captured once by CUDA graphs (on a GPU) and replayed, on CPU
+    its compiled graph is called directly (replay.py), and on any device each token costs one
+    call. The LM head computes text logits only."""
 
     def __init__(self, model, batch: int, slots: int, compile_step: bool = False):
         self.model = model
