@@ -1,5 +1,5 @@
 """Calling a compiled region's graph again directly, past torch.compile's checks: the ODE
-evaluations on CPU.
+evaluations and the text decoding steps on CPU.
 
 Between the evaluations of one modality instance nothing changes but the values of x and t (on a
 GPU, graphs.py replays them as one CUDA graph). On CPU each evaluation is one compiled region
@@ -8,7 +8,8 @@ for Dynamo's guard checks and for gathering the region's arguments (weights, cac
 step context) in Python: 160-185 us of a 1.8 ms (bf16) or 2.3 ms (fp32) evaluation of 64 latent
 tokens at dim 256, depth 4, on 2 CPU cores. Replayed, about 55 us remain, and the whole 30-evaluation
 call took 63.4 -> 59.1 ms in bf16 and 80.5 -> 76.1 ms in fp32 (medians of 40 calls each, the two
-ways interleaved in one process).
+ways interleaved in one process). A text decoding step (text_generation.TextDecoder) has no
+changing inputs at all: it reads and updates its own buffers.
 
 `recorded_region` compiles a function with Inductor through a backend that notes the graph,
 arguments and outputs of its latest call. `Replayed` calls the region through torch.compile
