@@ -2,10 +2,18 @@
 
 Both libraries import as `transfusion_pytorch`, so each side runs in its own subprocess
 (`benchmarks/worker.py --side ours|peer ...`) under its own interpreter / PYTHONPATH, and
-prints one JSON line that this driver collects. Per workload the two sides ALTERNATE, for
-`--rounds` rounds (ours, peer, peer, ours, ...: the order flips each round), each subprocess
-doing its warm-up (excluded) and `--repeats` timed calls. Reported figures are medians over
-all timed calls of all rounds; `spread` is the range of the per-round medians.
+prints one JSON line that this driver collects. Per workload the two sides ALTERNATE, on one
+of two schedules (`--schedule`):
+
+- `paired` (the CPU default; `paired.py`): each side's worker starts once and warms up, then
+  for `--blocks` blocks the sides take turns (the first side flips each block), each making
+  `--rewarm` untimed and `--repeats` timed calls while the other process waits. Each block
+  also gives a speedup of its own, measured seconds apart, and the table prints their median.
+- `rounds` (the GPU default): `--rounds` rounds of one fresh subprocess per side (ours, peer,
+  peer, ours, ...), each doing its warm-up (excluded) and `--repeats` timed calls.
+
+Reported figures are medians over all timed calls; `spread` is the range of the per-round
+(per-block) medians.
 
 Printed per workload: throughput (tokens/s for training and text generation; seconds per
 sample for modality generation), speedup of ours over the peer (> 1: ours faster), FLOPs per
@@ -30,11 +38,14 @@ import sys
 import time
 from pathlib import Path
 
+from paired import ServedWorker, block_speedups, run_paired
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 WORKER = HERE / 'worker.py'
 WORKLOADS = ('mixed_train', 'text_train', 'gen_text', 'gen_modality')
-DEFAULTS = {'cpu': dict(repeats=5, rounds=2), 'gpu': dict(repeats=5, rounds=1)}
+DEFAULTS = {'cpu': dict(schedule='paired', repeats=3, rounds=2, blocks=8, rewarm=1),
+            'gpu': dict(schedule='rounds', repeats=5, rounds=1, blocks=4, rewarm=1)}
 
 
 def default_python(venv: Path) -> str:
@@ -67,8 +78,7 @@ def call_worker(python: str, pythonpath: str, side: str, workload: str, worker_a
     return result
 
 
-def run_worker(args, side: str, workload: str, flops: bool) -> dict:
-    """One timed subprocess, within what is left of `--budget`."""
+def worker_arguments(args, side: str, flops: bool) -> list[str]:
     worker_args = ['--size', args.size, '--repeats', str(args.repeats)]
     kwargs = args.ours_kwargs if side == 'ours' else args.peer_kwargs
     if kwargs:
@@ -77,13 +87,25 @@ def run_worker(args, side: str, workload: str, flops: bool) -> dict:
         worker_args.append('--no-flops')
     if args.cpu_bf16:
         worker_args.append('--cpu-bf16')
+    return worker_args
+
+
+def side_interpreter(args, side: str) -> tuple[str, str]:
+    """The side's python and PYTHONPATH."""
+    if side == 'ours':
+        return args.ours_python, args.ours_pythonpath
+    return args.peer_python, args.peer_pythonpath
+
+
+def run_worker(args, side: str, workload: str, flops: bool) -> dict:
+    """One timed subprocess, within what is left of `--budget`."""
+    worker_args = worker_arguments(args, side, flops)
     timeout = args.timeout
     if args.budget:
         timeout = min(timeout, args.budget - (time.perf_counter() - args.t0))
         if timeout < 15:
             return dict(side=side, workload=workload, error='skipped: --budget spent', wall_s=0.0, stderr_tail='')
-    python = args.ours_python if side == 'ours' else args.peer_python
-    pythonpath = args.ours_pythonpath if side == 'ours' else args.peer_pythonpath
+    python, pythonpath = side_interpreter(args, side)
     return call_worker(python, pythonpath, side, workload, worker_args, timeout)
 
 
@@ -95,7 +117,7 @@ def summarize(runs: list[dict]) -> dict | None:
     times = [t for r in good for t in r['times_s']]
     first = good[0]
     med = statistics.median(times)
-    round_meds = [statistics.median(r['times_s']) for r in good]
+    round_meds = [m for r in good for m in r.get('block_medians') or [statistics.median(r['times_s'])]]
     rate = first['work_per_step'] / med
     value = rate if first['unit'] == 'tok' else med
     spread = sorted(first['work_per_step'] / m if first['unit'] == 'tok' else m for m in round_meds)
@@ -113,7 +135,7 @@ def fmt(x, spec='.3g'):
 
 
 def print_table(summary: dict, peak: float | None, sides: list[str]):
-    head = ['workload', 'metric'] + [f'{s}' for s in sides] + (['speedup'] if len(sides) == 2 else []) \
+    head = ['workload', 'metric'] + [f'{s}' for s in sides] + (['speedup', 'per block'] if len(sides) == 2 else []) \
         + [f'FLOP/tok {s}' for s in sides] + [f'MFU {s}' for s in sides] \
         + [f'mem MiB {s}' for s in sides] + [f'reserved MiB {s}' for s in sides] + [f'NFE {s}' for s in sides]
     rows = []
@@ -127,6 +149,8 @@ def print_table(summary: dict, peak: float | None, sides: list[str]):
             if ours and peer:
                 speed = ours['value'] / peer['value'] if unit == 'tok/s' else peer['value'] / ours['value']
             row.append(fmt(speed, '.2f') + ('x' if speed else ''))
+            blocks = per_side.get('block_speedups')
+            row.append(f"{statistics.median(blocks):.2f}x [{min(blocks):.2f}-{max(blocks):.2f}]" if blocks else '-')
         row += [fmt(s and s['flops_per_token'], '.3g') for s in ss]
         mfus = [(s['flops_per_token'] * s['tok_per_s'] / peak) if (s and peak and s['flops_per_token'] and s['tok_per_s']) else None for s in ss]
         row += [fmt(m and 100 * m, '.1f') + ('%' if m else '') for m in mfus]
@@ -149,7 +173,10 @@ def describe(results: list[dict]):
             print(f"model: {r['model_config']}  (params: " + ', '.join(f'{s} {n / 1e6:.1f}M' for s, n in params.items()) + ')')
         if 'workload_config' in r and r['workload'] not in seen:
             seen.add(r['workload'])
-            print(f"{r['workload']}: {r['workload_config']}  (warm-up {r['warmup']}, {r['repeats']} timed per run, device {r.get('device_name', r['device'])}, torch {r['torch']}, threads {r['threads']})")
+            blocks = r.get('block_medians')
+            timing = (f"paired: {len(blocks)} blocks of {r.get('rewarm', 0)} untimed + {r['repeats'] // max(len(blocks), 1)} timed calls" if blocks
+                      else f"{r['repeats']} timed per run")
+            print(f"{r['workload']}: {r['workload_config']}  (warm-up {r['warmup']}, {timing}, device {r.get('device_name', r['device'])}, torch {r['torch']}, threads {r['threads']})")
     for r in results:
         if r.get('fallback'):
             print(f"NOTE {r['side']} {r['workload']}: fell back to {r['fallback']['kwargs']}: {r['fallback']['reason']}")
@@ -159,8 +186,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--size', choices=('cpu', 'gpu'), default='cpu')
     p.add_argument('--workloads', nargs='+', choices=WORKLOADS, default=list(WORKLOADS))
-    p.add_argument('--repeats', type=int, help='timed calls per subprocess (default 5)')
-    p.add_argument('--rounds', type=int, help='alternating subprocess rounds per side (default: cpu 2, gpu 1)')
+    p.add_argument('--repeats', type=int, help='timed calls per subprocess (rounds; default 5) or per block (paired; default 3)')
+    p.add_argument('--schedule', choices=('paired', 'rounds'), help='default: cpu paired, gpu rounds (see above)')
+    p.add_argument('--rounds', type=int, help='rounds schedule: alternating subprocesses per side (default: cpu 2, gpu 1)')
+    p.add_argument('--blocks', type=int, help='paired schedule: alternating blocks of calls (default 8 on cpu)')
+    p.add_argument('--rewarm', type=int, help='paired schedule: untimed calls before each block (default 1)')
     p.add_argument('--only', choices=('ours', 'peer'), help='run one side alone')
     p.add_argument('--ours-python', default=default_python(REPO_ROOT / '.venv'))
     p.add_argument('--peer-python', default=default_python(HERE / '.peer-venv'))
@@ -179,6 +209,12 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def start_served(args, side: str, workload: str) -> ServedWorker:
+    python, pythonpath = side_interpreter(args, side)
+    return ServedWorker(python, pythonpath, str(WORKER), str(REPO_ROOT), side, workload,
+                        worker_arguments(args, side, flops=True))
 
 
 def run_rounds(args, workload: str, sides: list[str], results: list[dict]) -> dict:
@@ -207,7 +243,8 @@ def report(args, summary: dict, results: list[dict], peak: float | None, sides: 
     if len(sides) == 2 and all(nfes.values()) and nfes['ours']['nfe'] != nfes['peer']['nfe']:
         print(f"\nWARNING gen_modality does unequal work: NFE ours {nfes['ours']['nfe']} vs peer "
               f"{nfes['peer']['nfe']}; set MODALITY_STEPS in benchmarks/workloads.py so they match.")
-    print('\nspeedup: ours over peer (> 1 = ours faster); FLOP/tok: forward+backward of one training '
+    print('\nspeedup: ours over peer (> 1 = ours faster), from each side\'s median over all timed calls; '
+          'per block (paired schedule): the median [range] of the speedups of single blocks; FLOP/tok: forward+backward of one training '
           'step (FlopCounterMode, attention counted dense), for gen_modality the forward FLOPs of one '
           'whole call per latent token; MFU: FLOP/tok x tok/s / matmul peak; '
           'mem: ' + ('CUDA max allocated (reserved: max reserved, CUDA-graph pools included)' if args.size == 'gpu' else 'CPU RSS high-water growth') + '; '
@@ -232,8 +269,16 @@ def main():
               f"{r.get('device_name', r.get('device'))})" + (f"  ERROR {r['error']}" if 'error' in r else ''), flush=True)
 
     for workload in args.workloads:
-        per_side = run_rounds(args, workload, sides, results)
+        if args.schedule == 'paired':
+            records = run_paired(args, workload, sides, lambda side: start_served(args, side, workload))
+            results.extend(records[s] for s in sides)
+            per_side = {s: [records[s]] for s in sides}
+        else:
+            per_side = run_rounds(args, workload, sides, results)
         summary[workload] = {s: summarize(per_side[s]) for s in sides}
+        if len(sides) == 2:
+            speedups = block_speedups(*(per_side[s][-1] for s in sides))
+            summary[workload]['block_speedups'] = speedups or None
         save()
     report(args, summary, results, peak, sides)
     save()

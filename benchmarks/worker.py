@@ -7,6 +7,8 @@
 
 Timing: `warmup` untimed calls (compilation, autotuning, the peer's strategy router), then
 `repeats` calls, each bracketed by device synchronisation; the worker reports every time.
+With `--serve` it stays up after the warm-up and makes timed calls when `run.py` asks
+(`serve_workload`), so that both sides' calls can alternate in blocks of a few.
 Peak memory: CUDA `max_memory_allocated` over the timed calls (weights + optimizer state +
 activations), and `max_memory_reserved`, which holds CUDA-graph pools; CPU: growth of the
 resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs where allowed) over
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -158,7 +161,12 @@ def time_task(task: Task, device: torch.device, repeats: int, result: dict):
         sync(device)
         times.append(time.perf_counter() - t0)
     result['times_s'] = times
+    record_memory(result, device, rss_reset, rss_before)
+    return out
 
+
+def record_memory(result: dict, device: torch.device, rss_reset: bool, rss_before: int | None):
+    """The peak memory since the CUDA statistics or the RSS high-water mark were reset."""
     if device.type == 'cuda':
         # reserved as well: a CUDA graph's pool is reserved once, and its replays allocate nothing
         result.update(peak_mem_mib=torch.cuda.max_memory_allocated() / 2 ** 20, mem_kind='cuda max allocated',
@@ -166,38 +174,91 @@ def time_task(task: Task, device: torch.device, repeats: int, result: dict):
     elif rss_before is not None:
         result.update(peak_mem_mib=(proc_status_kib('VmHWM') - rss_before) / 1024,
                       mem_kind='cpu RSS high-water growth' + ('' if rss_reset else ' (HWM not reset)'))
-    return out
 
 
-def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | None,
-                 extra_kwargs: dict | None, flops: bool, cpu_bf16: bool = False) -> dict:
+def prepare_workload(side: str, name: str, size: str, warmup: int | None, extra_kwargs: dict | None,
+                     cpu_bf16: bool = False) -> tuple:
+    """The result record so far and, but for 'matmul_peak' (measured here, model and task None),
+    the model, task, device and size config after the warm-up calls."""
     device = torch.device('cuda' if size == 'gpu' else 'cpu')
     cfg = dict(SIZES[size], side=side, cpu_bf16=cpu_bf16)
     warmup = max(1, cfg['warmup'][name] if warmup is None else warmup)  # the first call is a warm-up
     result = dict(side=side, workload=name, size=size, device=str(device), torch=torch.__version__,
-                  threads=torch.get_num_threads(), repeats=repeats, warmup=warmup,
+                  threads=torch.get_num_threads(), warmup=warmup,
                   precision='bf16 autocast' if device.type == 'cuda' or cpu_bf16 else 'fp32')
     result['device_name'] = torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()
     if name == 'matmul_peak':
-        result.update(matmul_peak(device, warmup, repeats, cpu_bf16))
-        return result
+        return result, None, None, device, cfg
 
     model, task = build_task(side, name, cfg, device, extra_kwargs, result)
     for _ in range(warmup - 1):
         task.step()
     sync(device)
-    out = time_task(task, device, repeats, result)
+    return result, model, task, device, cfg
 
+
+def finish_workload(result: dict, model, task: Task, cfg: dict, out, flops: bool):
+    """The output shape, and the NFE and FLOPs counted after the timed calls."""
+    name, side = result['workload'], result['side']
     if torch.is_tensor(out):
         result['output_shape'] = list(out.shape)
     if name == 'gen_modality':   # FLOP/tok here: forward FLOPs of one whole call per latent token
-        result['nfe'], flops = count_nfe_and_flops(model, task, side)
-        result['flops_per_token'] = flops / cfg['modality_len'] if flops is not None else None
+        result['nfe'], counted = count_nfe_and_flops(model, task, side)
+        result['flops_per_token'] = counted / cfg['modality_len'] if counted is not None else None
     if flops and task.flop_step is not None:
         try:
             result['flops_per_token'] = count_flops_per_token(task)
         except Exception as err:  # a FLOP-count failure must not lose the timing
             result['flops_error'] = f'{type(err).__name__}: {err}'[:500]
+
+
+def run_workload(side: str, name: str, size: str, repeats: int, warmup: int | None,
+                 extra_kwargs: dict | None, flops: bool, cpu_bf16: bool = False) -> dict:
+    result, model, task, device, cfg = prepare_workload(side, name, size, warmup, extra_kwargs, cpu_bf16)
+    result['repeats'] = repeats
+    if name == 'matmul_peak':
+        result.update(matmul_peak(device, result['warmup'], repeats, cpu_bf16))
+        return result
+    out = time_task(task, device, repeats, result)
+    finish_workload(result, model, task, cfg, out, flops)
+    return result
+
+
+def serve_workload(side: str, name: str, size: str, warmup: int | None, extra_kwargs: dict | None,
+                   flops: bool, cpu_bf16: bool = False) -> dict:
+    """Paired schedule (`run.py --schedule paired`): after the warm-up, print `BENCH_READY` and
+    obey stdin, one command a line: `run K W` makes W untimed calls (caches warmed again after the
+    other side's process ran), then K timed ones, and prints `BENCH_TIMES [seconds, ...]`;
+    `finish` (or end of input) returns the record, with every timed call in `times_s` and each
+    block's median in `block_medians`. Memory is measured over all timed calls together."""
+    if name == 'matmul_peak':
+        raise ValueError('matmul_peak is measured by run_workload, not served')
+    result, model, task, device, cfg = prepare_workload(side, name, size, warmup, extra_kwargs, cpu_bf16)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    rss_reset, rss_before = reset_rss_peak(), proc_status_kib('VmRSS')
+    print('BENCH_READY', flush=True)
+    times, block_medians, out = [], [], None
+    for line in sys.stdin:
+        command = line.split()
+        if not command or command[0] == 'finish':
+            break
+        timed, untimed = int(command[1]), int(command[2])
+        for _ in range(untimed):
+            task.step()
+        block = []
+        for _ in range(timed):
+            sync(device)
+            t0 = time.perf_counter()
+            out = task.step()
+            sync(device)
+            block.append(time.perf_counter() - t0)
+        times += block
+        block_medians.append(statistics.median(block))
+        print('BENCH_TIMES ' + json.dumps(block), flush=True)
+    result.update(times_s=times, block_medians=block_medians, repeats=len(times))
+    record_memory(result, device, rss_reset, rss_before)
+    finish_workload(result, model, task, cfg, out, flops)
     return result
 
 
@@ -229,11 +290,15 @@ def main():
     parser.add_argument('--no-flops', action='store_true')
     parser.add_argument('--cpu-bf16', action='store_true', help='CPU: bf16 autocast (default fp32)')
     parser.add_argument('--flops-only', action='store_true', help='count FLOPs per token on the CPU at --size; no timing')
+    parser.add_argument('--serve', action='store_true', help='timed calls on command from stdin (serve_workload)')
     args = parser.parse_args()
 
     try:
         if args.flops_only:
             result = count_only(args.side, args.workload, args.size, json.loads(args.kwargs))
+        elif args.serve:
+            result = serve_workload(args.side, args.workload, args.size, args.warmup,
+                                    json.loads(args.kwargs), not args.no_flops, args.cpu_bf16)
         else:
             result = run_workload(args.side, args.workload, args.size, args.repeats, args.warmup,
                                   json.loads(args.kwargs), not args.no_flops, args.cpu_bf16)
