@@ -153,16 +153,22 @@ def time_task(task: Task, device: torch.device, repeats: int, result: dict):
     rss_reset = reset_rss_peak()
     rss_before = proc_status_kib('VmRSS')
 
-    times = []
-    for _ in range(repeats):
+    result['times_s'], out = timed_calls(task, device, repeats)
+    record_memory(result, device, rss_reset, rss_before)
+    return out
+
+
+def timed_calls(task: Task, device: torch.device, count: int) -> tuple[list[float], object]:
+    """`count` calls of `task.step`, each bracketed by device synchronisation: their seconds,
+    and the last call's output."""
+    times, out = [], None
+    for _ in range(count):
         sync(device)
         t0 = time.perf_counter()
         out = task.step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    result['times_s'] = times
-    record_memory(result, device, rss_reset, rss_before)
-    return out
+    return times, out
 
 
 def record_memory(result: dict, device: torch.device, rss_reset: bool, rss_before: int | None):
@@ -246,13 +252,7 @@ def serve_workload(side: str, name: str, size: str, warmup: int | None, extra_kw
         timed, untimed = int(command[1]), int(command[2])
         for _ in range(untimed):
             task.step()
-        block = []
-        for _ in range(timed):
-            sync(device)
-            t0 = time.perf_counter()
-            out = task.step()
-            sync(device)
-            block.append(time.perf_counter() - t0)
+        block, out = timed_calls(task, device, timed)
         times += block
         block_medians.append(statistics.median(block))
         print('BENCH_TIMES ' + json.dumps(block), flush=True)
