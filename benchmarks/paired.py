@@ -26,6 +26,15 @@ import time
 PREFIX = 'BENCH_'
 
 
+def worker_environment(pythonpath: str) -> dict:
+    """This process's environment with only `pythonpath` on PYTHONPATH: each side must import
+    its own `transfusion_pytorch`."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    if pythonpath:
+        env['PYTHONPATH'] = pythonpath
+    return env
+
+
 class WorkerFailed(RuntimeError):
     pass
 
@@ -35,9 +44,7 @@ class ServedWorker:
 
     def __init__(self, python: str, pythonpath: str, worker: str, cwd: str, side: str, workload: str,
                  worker_args: list[str]):
-        env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-        if pythonpath:
-            env['PYTHONPATH'] = pythonpath
+        env = worker_environment(pythonpath)
         self.side, self.workload = side, workload
         self.stderr = tempfile.TemporaryFile(mode='w+')
         self.started = time.perf_counter()

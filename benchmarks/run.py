@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from paired import ServedWorker, block_speedups, run_paired
+from paired import ServedWorker, block_speedups, run_paired, worker_environment
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -57,9 +56,7 @@ def call_worker(python: str, pythonpath: str, side: str, workload: str, worker_a
                 timeout: float | None = None) -> dict:
     """Run `worker.py --side side --workload workload *worker_args` under `python` with only
     `pythonpath` on PYTHONPATH; returns its JSON (or an error record with the stderr tail)."""
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    if pythonpath:
-        env['PYTHONPATH'] = pythonpath
+    env = worker_environment(pythonpath)
     cmd = [python, str(WORKER), '--side', side, '--workload', workload, *worker_args]
     started = time.perf_counter()
     try:
@@ -200,7 +197,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--peer-kwargs', default='', help='JSON merged into the peer constructor kwargs')
     p.add_argument('--cpu-bf16', action='store_true', help='CPU size: both sides under bf16 autocast (default fp32)')
     p.add_argument('--timeout', type=float, default=600, help='seconds per subprocess')
-    p.add_argument('--budget', type=float, help='total seconds: later subprocesses are cut short or skipped')
+    p.add_argument('--budget', type=float, help='rounds schedule: total seconds; later subprocesses are cut short or skipped')
     p.add_argument('--no-peak', action='store_true', help='skip the matmul peak (no MFU)')
     p.add_argument('--json', help='write raw results and the summary here (rewritten after each workload)')
     args = p.parse_args()
