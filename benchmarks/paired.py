@@ -106,8 +106,11 @@ class ServedWorker:
 
 
 def failed_record(worker: ServedWorker, err: Exception) -> dict:
-    return dict(side=worker.side, workload=worker.workload, error=f'{type(err).__name__}: {err}'[:1000],
-                stderr_tail=worker.stderr_tail(), wall_s=time.perf_counter() - worker.started)
+    """The error record of a worker that failed; the worker is stopped (a timed-out one may still run)."""
+    record = dict(side=worker.side, workload=worker.workload, error=f'{type(err).__name__}: {err}'[:1000],
+                  stderr_tail=worker.stderr_tail(), wall_s=time.perf_counter() - worker.started)
+    worker.stop()
+    return record
 
 
 def run_paired(args, workload: str, sides: list[str], start_worker) -> dict[str, dict]:
@@ -145,11 +148,13 @@ def run_paired(args, workload: str, sides: list[str], start_worker) -> dict[str,
                 records[side]['wall_s'] = time.perf_counter() - worker.started
             except WorkerFailed as err:
                 records[side] = failed_record(worker, err)
-            if 'error' in records[side] and 'stderr_tail' not in records[side]:
+                continue
+            if 'error' in records[side]:
                 records[side]['stderr_tail'] = worker.stderr_tail()
     finally:
         for worker in workers.values():
-            worker.stop()
+            if not worker.stderr.closed:
+                worker.stop()
     for record in records.values():
         record.update(schedule='paired', round=0, rewarm=args.rewarm)
     return records
