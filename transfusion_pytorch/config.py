@@ -35,6 +35,13 @@ def _is_probability(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0. <= value < 1.
 
 
+def _require_flags(flags: dict[str, Any]) -> None:
+    """Each flag (keyword name -> value) is True or False: the modules test flags by truthiness,
+    so a string such as 'False' from a command line or a YAML file would switch the option on."""
+    for name, value in flags.items():
+        _require(isinstance(value, bool), f'{name} must be True or False, got {value!r}')
+
+
 @dataclass(frozen = True)
 class TransformerConfig:
     """The shared transformer. Options from the cited papers are off by default.
@@ -96,6 +103,10 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ('dim', 'depth', 'heads', 'dim_head', 'experts', 'ff_pad_multiple'):
             _require(_is_positive_int(getattr(self, name)), f'transformer.{name} must be a positive int, got {getattr(self, name)!r}')
+        _require_flags({f'transformer.{name}': getattr(self, name) for name in (
+            'qk_norm', 'unet_skips', 'value_residual', 'laser', 'compile_blocks', 'compile_stack', 'checkpoint_activations')})
+        _require(self.compile_blocks or not self.compile_stack,
+                 'transformer.compile_stack compiles the stack in place of each block, so it needs compile_blocks=True')
         _require(self.dim_head % 2 == 0, f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')
         _require(_is_finite_number(self.ff_mult) and self.ff_mult > 0, f'transformer.ff_mult must be a positive number, got {self.ff_mult!r}')
         _require(self.dim_ff >= 1, f'transformer.ff_mult={self.ff_mult} leaves the feed-forward with int(dim * ff_mult * 2 / 3) = 0 hidden units')
@@ -166,6 +177,7 @@ class ModalityConfig:
 
     def __post_init__(self):
         _require(_is_positive_int(self.dim_latent), f'dim_latent must be a positive int, got {self.dim_latent!r}')
+        _require_flags(dict(channel_first_latent = self.channel_first, add_modality_shape_tokens = self.shape_tokens))
         if self.default_shape is not None:
             _require(isinstance(self.default_shape, tuple) and all(_is_positive_int(a) for a in self.default_shape),
                      f'modality_default_shape must be a tuple of positive ints, got {self.default_shape!r}')
@@ -174,6 +186,8 @@ class ModalityConfig:
         _require(_is_finite_number(self.loss_weight) and self.loss_weight > 0, f'modality loss_weight must be a positive number, got {self.loss_weight!r}')
         _require(_is_positive_int(self.downsample), f'modality_downsample must be a positive int, got {self.downsample!r}')
         _require(self.unet_dim is None or _is_positive_int(self.unet_dim), f'modality_unet_dim must be a positive int, got {self.unet_dim!r}')
+        _require(self.unet_dim is None or self.downsample > 1,
+                 f'modality_unet_dim={self.unet_dim} is the width of the U-Net that modality_downsample > 1 builds, but downsample is 1')
         if self.downsample > 1:
             _require(self.default_shape is not None and len(self.default_shape) > 0,
                      'modality_downsample needs a modality_default_shape with at least one axis (it fixes the number of axes)')
@@ -234,6 +248,8 @@ class TransfusionConfig:
 
     def __post_init__(self):
         _require(_is_positive_int(self.num_text_tokens), f'num_text_tokens must be a positive int, got {self.num_text_tokens!r}')
+        _require_flags({name: getattr(self, name) for name in (
+            'noise_limit_before_text', 'causal_modality_attention', 'axial_rotary', 'modality_experts')})
         _require(isinstance(self.transformer, TransformerConfig), f'transformer must be a TransformerConfig, got {type(self.transformer).__name__}')
         _require(all(isinstance(m, ModalityConfig) for m in self.modalities), 'modalities must be ModalityConfig instances')
         for name in ('text_loss_weight', 'flow_loss_weight'):
