@@ -98,6 +98,13 @@ def test_shape_tokens_off_requires_the_fixed_shape():
     (dict(dim_latent = None, modality_default_shape = (4, 4), modality_downsample = 2),
      r"\['modality_default_shape', 'modality_downsample'\] describe modalities, but there are none: pass dim_latent"),
     (dict(modalities = ()), r'modalities is built from dim_latent .* use Transfusion.from_config'),
+    (dict(transformer = dict(dim = 64, depth = 2, qk_norm = 'False')), "transformer.qk_norm must be True or False, got 'False'"),
+    (dict(transformer = dict(dim = 64, depth = 2, checkpoint_activations = 1)), 'transformer.checkpoint_activations must be True or False, got 1'),
+    (dict(causal_modality_attention = 'no'), "causal_modality_attention must be True or False, got 'no'"),
+    (dict(modality_experts = None), 'modality_experts must be True or False, got None'),
+    (dict(channel_first_latent = ['yes']), "channel_first_latent must be True or False, got 'yes'"),
+    (dict(transformer = dict(dim = 64, depth = 2, compile_stack = True)), 'compile_stack .* needs compile_blocks=True'),
+    (dict(modality_default_shape = (4,), modality_unet_dim = 32), 'modality_unet_dim=32 is the width of the U-Net that modality_downsample > 1 builds'),
 ])
 def test_bad_configuration_explains_itself(kwargs, message):
     base = dict(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 64, depth = 2))
@@ -118,10 +125,11 @@ def draws_and_errors():
         (dict(noise = [noise[0], noise[1].fill_(float('inf'))]), ValueError, 'noise for instance 1 holds non-finite values'),
         (dict(noise = [noise[0], [1., 2.]]), TypeError, r"noise for instance 1 must be a floating tensor, got list|'noise': \[f32"),
         (dict(noise = [noise[0].long(), noise[1]]), TypeError, 'noise for instance 0 must be a floating tensor, got torch.int64'),
+        (dict(noise = randn(2, 3, 4)), TypeError, r"noise must be a list of tensors, one per modality instance .* got Tensor|parameter 'noise'"),
     ]
 
 
-@pytest.mark.parametrize('case', range(7))
+@pytest.mark.parametrize('case', range(len(draws_and_errors()[1])))
 def test_bad_draws_raise_before_any_draw_and_leave_model_unchanged(case):
     batch, cases = draws_and_errors()
     keywords, error, message = cases[case]
@@ -187,6 +195,41 @@ class RunningMean(nn.Module):
 def encoder_model(encoder: nn.Module) -> Transfusion:
     return Transfusion(num_text_tokens = 8, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
                        modality_encoder = encoder, train_modality_encoders = True, transformer = dict(dim = 32, depth = 1))
+
+
+class Cast(nn.Module):
+    """An encoder whose latents come out in `dtype`."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.proj, self.dtype = nn.Conv2d(3, 8, 1), dtype
+
+    def forward(self, x):
+        return self.proj(x).to(self.dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.int64, torch.bool, torch.complex64])
+def test_an_encoder_returning_latents_that_are_not_real_floats_is_named(dtype: torch.dtype):
+    """Integer latents would fail deep in the noise draw and complex ones lose their imaginary
+    part; both are refused before anything is drawn."""
+    model, batch = encoder_model(Cast(dtype)), [[torch.tensor([1]), randn(3, 2, 2)]]
+    before, generator = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    with pytest.raises(TypeError, match = rf'sample 0 item 1: modality 0 encoder must return real floating latents, got {dtype}'):
+        model(batch)
+    assert torch.equal(torch.get_rng_state(), generator)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rejected_batch_leaves_the_generators_a_trainable_encoder_drew_from_unchanged():
+    """The encoders run before the text ids are checked: the dropout masks they drew are undone."""
+    model = encoder_model(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Dropout(0.5)))
+    image = randn(3, 2, 2)
+    generator = torch.get_rng_state()
+    with pytest.raises(ValueError, match = r'sample 0, item 1: text id 8 is outside'):
+        model([[image, torch.tensor([8])]])
+    assert torch.equal(torch.get_rng_state(), generator)
+    model([[image, torch.tensor([7])]])      # an accepted batch draws as usual
+    assert not torch.equal(torch.get_rng_state(), generator)
 
 
 def test_rejected_batch_leaves_a_trainable_encoders_buffers_unchanged():

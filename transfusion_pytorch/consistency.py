@@ -29,6 +29,8 @@ Glossary: i modality instances, l latent tokens of one modality, c its dim_laten
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,7 +40,7 @@ from .modes import eval_mode
 
 def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch, *, delta: float = 1e-3, alpha: float = 1e-5,
                           modality_type: int | None = None, times: Tensor | None = None,
-                          noise: list[Tensor] | None = None) -> Tensor:
+                          noise: Sequence[Tensor] | None = None) -> Tensor:
     """Scalar Float[''] velocity-consistency loss of `model` against `ema_model` on `batch`.
 
     Use it beside the flow-matching loss, and update the EMA after each optimizer step:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .config import ModalityConfig, TransfusionConfig
 from .experts import run_linear
 from .modes import eval_mode
+from .rng import rng_state, set_rng_state
 from .transformer import Modulation
 from .unet import LatentUNet
 
@@ -135,14 +136,18 @@ class Modalities(nn.Module):
     @contextmanager
     def encoder_state_kept_on_error(self):
         """A trainable encoder may update buffers as it runs (BatchNorm-like statistics, power
-        iterations); a batch rejected after encoding must leave them as they were."""
+        iterations) and draw random numbers (dropout); a batch rejected after encoding must leave
+        both the buffers and the random number generators as they were."""
         saved = [(b, b.clone()) for b in self.encoders.buffers()] if self.train_encoders else []
+        generators = rng_state() if self.train_encoders else None
         try:
             yield
         except BaseException:
             with torch.no_grad():
                 for buffer, value in saved:
                     buffer.copy_(value)
+            if generators is not None:
+                set_rng_state(generators)
             raise
 
     def encode(self, modality: int, entries: list[tuple[int, int, Tensor]]) -> list[Tensor]:
@@ -167,6 +172,8 @@ class Modalities(nn.Module):
                 got = f'shape {tuple(encoded.shape)}' if torch.is_tensor(encoded) else type(encoded).__name__
                 raise TypeError(f'{where}: modality {modality} encoder must return one latent tensor per input, batched like '
                                 f'its input {tuple(stacked.shape)}; got {got}')
+            if not encoded.is_floating_point():   # complex is not floating: its imaginary part would be dropped
+                raise TypeError(f'{where}: modality {modality} encoder must return real floating latents, got {encoded.dtype}')
             for p, latent in zip(positions, encoded.unbind(0)):
                 outputs[p] = latent
         return outputs

@@ -11,6 +11,7 @@ Glossary: b batch, n tokens, i instances, L latent rows of a modality, c dim_lat
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ def _raise_for_text_ids(model, ids: Tensor, invalid: EarlyFlag) -> None:
         raise ValueError(f'sample {row}, item 0: text id {int(ids[row, column])} at position {column} is outside [0, num_text_tokens={model.config.num_text_tokens})')
 
 
-def draw(model, packed: PackedBatch, times: Tensor | None, noise: list[Tensor] | None):
+def draw(model, packed: PackedBatch, times: Tensor | None, noise: Sequence[Tensor] | None):
     """Times Float['i'], per-group noise Float['l c'] and isolated tokens Bool['n'] | None.
     Caller-given times and noise are checked before anything is drawn, so a rejected call
     leaves the random number generators as they were."""
@@ -95,8 +96,10 @@ def checked_times(times, count: int, device: torch.device) -> Tensor:
     return times.to(device)
 
 
-def noise_by_group(model, packed: PackedBatch, noise: list[Tensor]) -> list[Tensor]:
+def noise_by_group(model, packed: PackedBatch, noise: Sequence[Tensor]) -> list[Tensor]:
     """Caller-given noise, one tensor per instance in the latent layout -> per-group Float['L c']."""
+    if not isinstance(noise, (list, tuple)):
+        raise TypeError(f'noise must be a list of tensors, one per modality instance in order of appearance, got {type(noise).__name__}')
     if len(noise) != packed.num_instances:
         raise ValueError(f'noise must hold one tensor per modality instance ({packed.num_instances}), got {len(noise)}')
     flat = []

@@ -122,7 +122,7 @@ class Transfusion(nn.Module):
 
     @typechecked
     def forward(self, batch: Batch, *, modality_type: int | None = None, return_breakdown: bool = False,
-                times: Float[Tensor, 'i'] | Float[Tensor, ''] | Sequence[float] | None = None, noise: list[Tensor] | None = None
+                times: Float[Tensor, 'i'] | Float[Tensor, ''] | Sequence[float] | None = None, noise: Sequence[Tensor] | None = None
                 ) -> Float[Tensor, ''] | tuple[Float[Tensor, ''], LossBreakdown]:
         """Scalar training loss (and a LossBreakdown with return_breakdown=True).
 
@@ -200,7 +200,7 @@ class Transfusion(nn.Module):
 
     @torch.no_grad()
     @typechecked
-    def predict(self, batch: Batch, times: Float[Tensor, 'i'] | Float[Tensor, ''] | Sequence[float] | None = None, noise: list[Tensor] | None = None, *,
+    def predict(self, batch: Batch, times: Float[Tensor, 'i'] | Float[Tensor, ''] | Sequence[float] | None = None, noise: Sequence[Tensor] | None = None, *,
                 modality_type: int | None = None) -> Prediction:
         """Per-token text logits and per-instance velocities for a batch at the given times and
         noise (drawn when not given), without dropout of conditioning. Runs under no_grad; call
@@ -209,7 +209,7 @@ class Transfusion(nn.Module):
             packed = self.pack(self._as_samples(batch, modality_type))
         return self.predict_packed(packed, times, noise)
 
-    def predict_packed(self, packed: PackedBatch, times: Tensor | None = None, noise: list[Tensor] | None = None) -> Prediction:
+    def predict_packed(self, packed: PackedBatch, times: Tensor | None = None, noise: Sequence[Tensor] | None = None) -> Prediction:
         """`predict` for a batch already packed (and encoded) by `pack`, in eval mode, with
         gradients unless the caller turns them off: several predictions of one batch (as in
         consistency training) encode it once."""
