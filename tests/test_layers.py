@@ -154,6 +154,22 @@ def test_time_embedding_features_are_sin_then_cos_of_1000_t_times_geometric_freq
     torch.testing.assert_close(seen[0].double(), torch.cat((angles.sin(), angles.cos()), dim = -1), atol = 1e-4, rtol = 1e-4)
 
 
+def test_frequency_tables_stay_fp32_when_the_model_is_cast_or_rebuilt_on_a_device():
+    """model.to(bf16) would round the rotary and time frequencies, so that a bf16 model and its
+    fp32 reload would compute different angles; the tables are rebuilt in fp32 instead."""
+    from transfusion_pytorch import Transfusion
+    model = Transfusion(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 32, depth = 1, dim_head = 16))
+    tables = {name: value.clone() for name, value in model.named_buffers() if 'freq' in name}
+    assert sorted(tables) == ['modalities.time_embedding.frequencies', 'transformer.rotary.inv_freq']
+    model.to(torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for name, value in model.named_buffers():
+        if name in tables:
+            assert value.dtype == torch.float32 and torch.equal(value, tables[name]), name
+    model.to('meta').to_empty(device = 'cpu')      # to_empty leaves buffers uninitialised; tables are rebuilt
+    assert all(torch.equal(dict(model.named_buffers())[name], value) for name, value in tables.items())
+
+
 @torch.no_grad()
 def test_adaptive_conditioning_scatters_each_instances_parameters_and_zeros_to_text():
     """Block l's modulation for a token of instance i is the l-th slice of proj(silu(emb_i)),

@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ModalityConfig, TransfusionConfig
+from .constants import ConstantTables
 from .experts import run_linear
 from .modes import eval_mode
 from .rng import rng_state, set_rng_state
@@ -25,7 +26,7 @@ from .transformer import Modulation
 from .unet import LatentUNet
 
 
-class TimeEmbedding(nn.Module):
+class TimeEmbedding(ConstantTables):
     """Float['i'] times in [0, 1] -> Float['i d'] through sinusoidal features and an MLP.
 
     Under autocast the MLP runs in full precision (full_precision_linear), so the embedding
@@ -33,9 +34,13 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int, num_frequencies: int = 128):
         super().__init__()
-        frequencies = torch.exp(-math.log(10_000.) * torch.arange(num_frequencies) / num_frequencies)
-        self.register_buffer('frequencies', frequencies, persistent = False)
+        self.num_frequencies = num_frequencies
+        self.register_tables()
         self.mlp = nn.Sequential(nn.Linear(2 * num_frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def tables(self, device) -> dict[str, Tensor]:
+        steps = torch.arange(self.num_frequencies, dtype = torch.float32, device = device)
+        return dict(frequencies = torch.exp(-math.log(10_000.) * steps / self.num_frequencies))
 
     def forward(self, times: Tensor) -> Tensor:
         angles = 1000. * times.float()[:, None] * self.frequencies                # (i, f)

@@ -16,16 +16,22 @@ Glossary: b batch (or 1), h heads, n tokens, e head dim, k position components.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .constants import ConstantTables
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(ConstantTables):
     """Maps positions Int['b n'] or Int['b n k'] to (cos, sin), each Float['b 1 n e/2'] in fp32."""
 
     def __init__(self, dim_head: int, theta: float = 10_000.):
         super().__init__()
-        inv_freq = theta ** -(torch.arange(0, dim_head, 2, dtype = torch.float32) / dim_head)
-        self.register_buffer('inv_freq', inv_freq, persistent = False)
+        self.dim_head, self.theta = dim_head, theta
+        self.register_tables()
+
+    def tables(self, device) -> dict[str, Tensor]:
+        exponents = torch.arange(0, self.dim_head, 2, dtype = torch.float32, device = device) / self.dim_head
+        return dict(inv_freq = self.theta ** -exponents)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         positions = positions.to(torch.float32)
