@@ -84,6 +84,7 @@ class CachedRunner:
         self.cuda_graphs = cuda_graphs
         self.cache_row = list(range(batch))    # row of self.cache holding each sample row (None: released)
         self.released = False                  # rows were released since the cache was last compacted
+        self.packs: dict[int, list[BlockPacks] | None] = {}   # per row count, this call's packed weights
 
     def release(self, row: int) -> None:
         """Sample row `row` takes no more steps. Its cache row is dropped before the next step,
@@ -219,7 +220,10 @@ class CachedRunner:
         context = self._context(all_rows, n, span, modality, token_shape, isolated)
         compiled = model.config.transformer.compile_blocks and model.device.type in COMPILED_STEP_DEVICES
         if compiled:
-            context.packs = block_packs(model, len(all_rows) * n)
+            rows_packed = len(all_rows) * n
+            if rows_packed not in self.packs:
+                self.packs[rows_packed] = block_packs(model, rows_packed)
+            context.packs = self.packs[rows_packed]
             region = compiled_evaluation(model)
             at_time = Replayed(lambda x, t: region.fn(self, context, modality, shape, cfg_scale, x, t), region, model.device)
             at_row = Replayed(lambda x, *row: region.fn(self, context, modality, shape, cfg_scale, x, None, row), region, model.device)

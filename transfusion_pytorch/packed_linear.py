@@ -10,16 +10,17 @@ multiplication kernel itself. MKL can pack a weight once (cblas_sgemm_pack) and 
 packed form (cblas_sgemm_compute); PyTorch exposes both as mkl::_mkl_reorder_linear_weight and
 mkl::_mkl_linear. With them, generate_modality_only (64 latent tokens, 30 evaluations, fp32)
 took 152.6 instead of 170.6 ms a call (medians of 20 calls, packing on and off alternating in
-one process). A solve whose row count differs from the last one's packs again (about 3 ms for
-these 16 weights).
+one process).
 
 Used only where it is safe and pays: fp32 products (MKL's packed sgemm), no autocast, no
 gradients (mkl::_mkl_linear has no backward), single-expert layers, and inside the compiled
 evaluation, whose rows are known when the solve starts. A pack is made for one row count and
-reused across solves until its weight changes: an optimizer step or load_state_dict writes the
-weight in place, which bumps its version, and moving it changes its storage; either repacks.
-The packs are a per-process cache on the model, left out of pickles and deep copies (MKL's
-packed tensors cannot be copied). Resident memory: about 1.15x the packed weights.
+lives for one sampling call (the runner keeps it for the call's later solves of that count):
+nothing may change the weights during a call, but between calls they may change in ways no
+key can see. Writes through `.data` (the usual EMA libraries) keep a weight's storage and its
+version counter; packs kept on the model across calls sampled from the stale weights. Packing
+the 16 weights of dim 256, depth 4 takes about 2.7 ms (2 cores, median of 30), about 2% of a
+64-token call. Resident memory during a call: about 1.15x the packed weights.
 
 Inductor lowers mkl::_mkl_linear only for weights frozen into the compiled code as constants,
 which would keep stale weights after training; `calls_packed_products` has it call the op on
@@ -29,7 +30,6 @@ Glossary: b rows, n tokens, i input features, o output features.
 """
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -71,32 +71,22 @@ def available() -> bool:
 
 
 def block_packs(model, rows: int) -> list[BlockPacks] | None:
-    """Packs of every block's weights for products of `rows` rows, or None where packing does
-    not apply (see the module docstring). Cached on the model across solves."""
+    """Every block's weights packed for products of `rows` rows, or None where packing does not
+    apply (see the module docstring)."""
     if not (ENABLED and available()) or torch.is_grad_enabled() or torch.is_autocast_enabled('cpu'):
         return None
-    cache = model.__dict__.setdefault('_packed_linears', {})
     packs = []
     for block in model.transformer.blocks:
         layers = dict(qkv = block.attn.to_qkv, attn_out = block.attn.to_out,
                       ff_in = None if block.ff.pad else block.ff.to_hidden, ff_out = None if block.ff.pad else block.ff.to_out)
-        packs.append(BlockPacks(**{name: _pack(cache, layer, rows) for name, layer in layers.items()}))
+        packs.append(BlockPacks(**{name: _pack(layer, rows) for name, layer in layers.items()}))
     return packs
 
 
-def _pack(cache: dict, layer: nn.Module | None, rows: int) -> Pack | None:
-    """The layer's pack for `rows` rows, packed again unless the cached one is of this very
-    weight (a weak reference: a new layer may reuse a freed one's id and memory), at the same
-    storage and version."""
+def _pack(layer: nn.Module | None, rows: int) -> Pack | None:
     if layer is None or not _packable(layer):
         return None
-    weight = layer.weight
-    state = (weight.data_ptr(), weight._version, rows)
-    entry = cache.get(id(layer))
-    if entry is None or entry[0]() is not weight or entry[1] != state:
-        entry = (weakref.ref(weight), state, Pack(torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows), rows))
-        cache[id(layer)] = entry
-    return entry[2]
+    return Pack(torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), rows), rows)
 
 
 def packed_product(layer: nn.Linear, x: Tensor, pack: Pack) -> Tensor:

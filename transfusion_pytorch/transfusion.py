@@ -106,12 +106,11 @@ class Transfusion(nn.Module):
         self.modalities = Modalities(config, _per_modality(encoders, count), _per_modality(decoders, count), train_encoders)
 
     def __getstate__(self) -> dict:
-        """Text decoders (KV caches, compiled steps), the compiled ODE evaluation and the MKL
-        packs of the weights are a per-process cache, left out of pickles and deep copies."""
+        """Text decoders (KV caches, compiled steps) and the compiled ODE evaluation are a
+        per-process cache, left out of pickles and deep copies."""
         state = super().__getstate__()
         state.pop('_text_decoders', None)
         state.pop('_compiled_evaluation', None)
-        state.pop('_packed_linears', None)
         return state
 
     @property
