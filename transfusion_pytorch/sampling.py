@@ -198,7 +198,8 @@ class Sampler:
             row.logits = row_logits if not row.queue else None
 
     def generate_instances(self, rows: list[Row]) -> None:
-        """One batched ODE for rows generating the same modality and shape."""
+        """One batched ODE for rows generating the same modality and shape (one row with an
+        adaptive solver)."""
         model, options = self.model, self.options
         modality, shape = rows[0].modality, rows[0].shape
         spec = model.config.modalities[modality]
@@ -240,9 +241,12 @@ class Sampler:
         ready = [r for r in rows if r.phase in ('text', 'shape') and not r.queue and r.logits is not None]
         self.decide(ready)
         waiting = [r for r in rows if r.phase == 'modality' and not r.queue]
+        # an adaptive solver picks its steps from one error norm over the whole state, so rows
+        # solved together would change each other's steps: each row then solves alone
+        batched = self.options.ode_method in flow.FIXED_GRID_METHODS
         groups: dict[tuple, list[Row]] = {}
         for row in waiting:
-            groups.setdefault((row.modality, row.shape), []).append(row)
+            groups.setdefault((row.modality, row.shape) if batched else (row.index,), []).append(row)
         for group in groups.values():
             self.generate_instances(group)
         feeding = [r for r in rows if r.queue and r.phase != 'done']
