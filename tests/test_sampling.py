@@ -261,6 +261,12 @@ def test_prompt_errors_name_the_prompt_by_its_index():
     (dict(text_temperature = float('inf')), ValueError, r'text_temperature must be finite and >= 0 \(0 is greedy\), got inf'),
     (dict(text_min_p = 1.5), ValueError, r'text_min_p must lie in \[0, 1\], got 1.5'),
     (dict(max_length = 20.), TypeError, r"max_length must be an int, got float|parameter 'max_length'"),   # the latter: debug mode
+    (dict(text_temperature = '1'), TypeError, r"text_temperature must be a number, got str|parameter 'text_temperature'"),
+    (dict(cfg_scale = float('nan'), force_modality_at_start = 0), ValueError, r'cfg_scale must be finite \(1: no guidance\), got nan'),
+    (dict(cfg_scale = '2'), TypeError, r"cfg_scale must be a number \(1: no guidance\), got str|parameter 'cfg_scale'"),
+    (dict(ode_method = 'rk45', max_length = 5), ValueError, r"ode_method must be one of torchdiffeq's methods .* got 'rk45'"),   # refused before any text step
+    (dict(seed = 1.5), TypeError, r'seed must be an int, or a list of ints \(one per prompt\), got float'),
+    (dict(seed = [2 ** 70]), ValueError, r'the seed of prompt 0 must be an int in \[-2\*\*63, 2\*\*64\), got 1180591620717411303424'),
     (dict(force_modality_at_start = (0,)), TypeError, r'force_modality_at_start must be a modality index or \(index, shape\)'),
     (dict(force_modality_at_start = [0, (2, 3)]), TypeError, r'force_modality_at_start must be a modality index'),
     (dict(force_modality_at_start = (0, (2, 'x'))), ValueError, r'force_modality_at_start: a shape must be a tuple of positive ints'),
@@ -279,6 +285,8 @@ def test_generate_text_only_checks_its_sampling_options():
         model.generate_text_only(torch.tensor([[1]]), 6, temperature = -1.)
     with pytest.raises(ValueError, match = r'min_p must lie in \[0, 1\]'):
         model.generate_text_only(torch.tensor([[1]]), 6, min_p = 2.)
+    with pytest.raises(TypeError, match = r"seq_len must be an int, got float|parameter 'seq_len'"):
+        model.generate_text_only(torch.tensor([[1]]), 6.)
 
 
 def test_one_fixed_shape_applies_to_the_modalities_it_fits():
@@ -293,10 +301,12 @@ def test_one_fixed_shape_applies_to_the_modalities_it_fits():
     (dict(modality_type = 5), r'modality_type 5 is not a modality of this model \(2 modalities\)'),
     (dict(batch_size = 0), 'batch_size must be at least 1, got 0'),
     (dict(fixed_modality_shape = (3, 5)), r'fixed_modality_shape: shape \(3, 5\) for modality 0 must be divisible by its downsample factor 2'),
+    (dict(modality_type = True), 'modality_type must be an int, got bool'),     # not modality 1
+    (dict(batch_size = 2.), "batch_size must be an int, got float|parameter 'batch_size'"),   # the latter: debug mode
 ])
 def test_generate_modality_only_checks_its_arguments(keywords, message):
     model = tiny_model(modality_downsample = (2, 1), modality_default_shape = ((2, 4), (3,)))
-    with pytest.raises(ValueError, match = message):
+    with pytest.raises((ValueError, TypeError), match = message):
         model.generate_modality_only(**keywords)
 
 

@@ -23,6 +23,15 @@ from .debug import typechecked
 # their function evaluations per step; every other method chooses its own steps
 FIXED_GRID_METHODS = ('euler', 'midpoint', 'heun2', 'heun3', 'rk4', 'explicit_adams', 'implicit_adams', 'fixed_adams')
 EVALUATIONS_PER_STEP = {'euler': 1, 'midpoint': 2, 'heun2': 2, 'heun3': 3, 'rk4': 4}
+# torchdiffeq's adaptive methods (torchdiffeq 0.2.5): they choose their steps from rtol and atol
+ADAPTIVE_METHODS = ('dopri8', 'dopri5', 'bosh3', 'fehlberg2', 'adaptive_heun', 'scipy_solver')
+
+
+def check_method(method: str) -> None:
+    """Refuse an ODE method torchdiffeq does not have before sampling starts (torchdiffeq itself
+    would only refuse it at the first modality)."""
+    if not isinstance(method, str) or method not in FIXED_GRID_METHODS + ADAPTIVE_METHODS:
+        raise ValueError(f'ode_method must be one of torchdiffeq\'s methods {FIXED_GRID_METHODS + ADAPTIVE_METHODS}, got {method!r}')
 
 
 def sample_times(count: int, method: str, device: torch.device, generator: torch.Generator | None = None) -> Tensor:

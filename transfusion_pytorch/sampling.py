@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import flow
 from .autocast_weights import weights_cast_once
 from .batch import TextItem, to_items
+from .config import is_integer, is_real_number
 from .decoding import CachedRunner, UncachedRunner
 from .modes import eval_mode
 from .text_generation import check_text_sampling, choose_tokens
@@ -345,14 +346,26 @@ def _check_options(options: SamplingOptions) -> None:
         if value < least:
             raise ValueError(f'{name} must be at least {least}, got {value}')
     check_text_sampling(options.text_temperature, options.text_min_p, 'text_temperature', 'text_min_p')
+    if not is_real_number(options.cfg_scale):
+        raise TypeError(f'cfg_scale must be a number (1: no guidance), got {type(options.cfg_scale).__name__}')
+    if not math.isfinite(options.cfg_scale):
+        raise ValueError(f'cfg_scale must be finite (1: no guidance), got {options.cfg_scale}')
+    flow.check_method(options.ode_method)
 
 
 def _generators(seed, count: int, device) -> list:
+    """One generator per row: seed (an int) seeds row r with seed + r; a list or tuple gives
+    each row's seed."""
     if seed is None:
         return [None] * count
+    if not isinstance(seed, (list, tuple)) and not is_integer(seed):
+        raise TypeError(f'seed must be an int, or a list of ints (one per prompt), got {type(seed).__name__}')
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + r for r in range(count)]
     if len(seeds) != count:
         raise ValueError(f'got {len(seeds)} seeds for {count} prompts')
+    for r, value in enumerate(seeds):
+        if not is_integer(value) or not -2 ** 63 <= value < 2 ** 64:
+            raise ValueError(f'the seed of prompt {r} must be an int in [-2**63, 2**64), got {value!r}')
     return [torch.Generator(device = device).manual_seed(int(s)) for s in seeds]
 
 

@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .autocast_weights import weights_cast_once
 from .compiling import skip_guard_checks
+from .config import is_integer, is_real_number
 from .kv_cache import KVCache
 from .masks import AttentionMask
 from .replay import Replayed, recorded_region
@@ -149,6 +150,9 @@ class TextDecoder:
 def check_text_sampling(temperature: float, min_p: float, temperature_name: str = 'temperature', min_p_name: str = 'min_p') -> None:
     """Temperature >= 0 (0 is greedy) and min-p in [0, 1]: a negative temperature would favour
     the least likely tokens (and the special tokens masked to -inf), a min-p above 1 keep none."""
+    for name, value in ((temperature_name, temperature), (min_p_name, min_p)):
+        if not is_real_number(value):
+            raise TypeError(f'{name} must be a number, got {type(value).__name__}')
     if not 0 <= temperature < float('inf'):
         raise ValueError(f'{temperature_name} must be finite and >= 0 (0 is greedy), got {temperature}')
     if not 0 <= min_p <= 1:
@@ -182,6 +186,8 @@ def generate_text_only(
     """Continue Int['b p'] prompts to seq_len tokens; returns the Int['b (seq_len - p)'] new tokens.
     Only text ids are produced (special tokens are never sampled)."""
     check_text_sampling(temperature, min_p)
+    if not is_integer(seq_len):
+        raise TypeError(f'seq_len must be an int, got {type(seq_len).__name__}')
     if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.is_floating_point() or prompt.dtype == torch.bool:
         raise ValueError(f'prompt must be integer token ids of shape (b, p) with p >= 1, got {tuple(prompt.shape)} {prompt.dtype}')
     text_count = model.config.num_text_tokens

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import flow, objective
 from .batch import PackedBatch, pack, to_items
-from .config import TransfusionConfig, build_config
+from .config import TransfusionConfig, build_config, is_integer
 from .debug import Batch, typechecked
 from .masks import alibi_slopes, causal_mask
 from .token_layout import packed_transformer_inputs
@@ -303,6 +303,9 @@ class Transfusion(nn.Module):
         The other keywords are those of `sample_many`."""
         from .sampling import forced_start, sample_many
         count = self.config.num_modalities
+        for name, value in (('modality_type', modality_type), ('batch_size', batch_size)):
+            if not is_integer(value):
+                raise TypeError(f'{name} must be an int, got {type(value).__name__}')
         if not 0 <= modality_type < count:
             raise ValueError(f'modality_type {modality_type} is not a modality of this model ({count} modalit{"y" if count == 1 else "ies"})')
         if batch_size < 1:
