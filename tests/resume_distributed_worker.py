@@ -2,11 +2,13 @@
 
     torchrun --standalone --nproc_per_node 2 tests/resume_distributed_worker.py WORKDIR
 
-For each wrapping: 4 steps straight; then 2 steps, a collective save, a fresh model (other
-initial weights, other seeds) loading it, and 2 more steps. Each rank draws its own times, noise
-and dropout. Rank 0 writes WORKDIR/results.json: per wrapping and rank the straight and resumed
-losses of steps 3 and 4, whether the ranks' RNG states differ after the load, and whether a
-checkpoint saved under DDP loads into the sharded model with the same weights.
+For each wrapping, with an EMA made before wrapping and updated after every step: a save before the first step (an optimizer without state yet), then 4 steps
+straight; then 2 steps, a collective save, a fresh model (other initial weights, other seeds)
+loading it, and 2 more steps; and a fresh model loading the first save and taking 4 steps. Each
+rank draws its own times, noise and dropout. Rank 0 writes WORKDIR/results.json: per wrapping and
+rank the losses of the three runs, whether their EMAs end equal, whether the ranks' RNG states
+differ after the load, the `extra` each rank got back (each saved its own), and
+whether a checkpoint saved under DDP loads into the sharded model with the same weights.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from transfusion_pytorch.checkpoint import load_training_state, save_training_state
+from transfusion_pytorch.checkpoint import load_training_state, make_ema, save_training_state
 from transfusion_pytorch.distributed_state import full_states
 
 from resume_worker import batch_at, make_model
@@ -34,6 +38,7 @@ warnings.filterwarnings('ignore', message = r'FSDP2-wrapped module .* returned a
 def build(wrapping: str, seed: int, mesh):
     torch.manual_seed(seed)                       # the same initial weights on every rank
     model = make_model()
+    ema = make_ema(model, decay = 0.5)            # before sharding: FSDP2 cannot deep-copy a sharded model
     if wrapping == 'ddp':
         wrapped = DistributedDataParallel(model)
     else:
@@ -42,47 +47,73 @@ def build(wrapping: str, seed: int, mesh):
         wrapped = fully_shard(model, mesh = mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr = 3e-3, weight_decay = 0.1)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor = 0.25, total_iters = 4)
-    return model, wrapped, optimizer, scheduler
+    return Run(model, wrapped, optimizer, scheduler, ema)
 
 
-def train(wrapped, optimizer, scheduler, start: int, stop: int) -> list[float]:
-    rank, losses = dist.get_rank(), []
-    for step in range(start, stop):
-        loss = wrapped(batch_at(100 * rank + step))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-    return losses
+@dataclass
+class Run:
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ema: nn.Module
+
+    def train(self, start: int, stop: int) -> list[float]:
+        rank, losses = dist.get_rank(), []
+        for step in range(start, stop):
+            loss = self.wrapped(batch_at(100 * rank + step))
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update_parameters(self.wrapped)     # under FSDP2 it gathers the shards
+            losses.append(loss.item())
+        return losses
+
+    def save(self, directory: Path, step: int) -> None:
+        save_training_state(directory, self.wrapped, self.optimizer, step = step, scheduler = self.scheduler, ema = self.ema,
+                            extra = {'data_position': 1000 * dist.get_rank() + step})
+
+    def load(self, directory: Path):
+        return load_training_state(directory, self.wrapped, self.optimizer, scheduler = self.scheduler, ema = self.ema)
+
+
+def same_average(first: Run, second: Run) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first.ema.state_dict().values(), second.ema.state_dict().values()))
 
 
 def resume_case(wrapping: str, workdir: Path, mesh) -> dict:
     rank = dist.get_rank()
-    model, wrapped, optimizer, scheduler = build(wrapping, 0, mesh)
+    straight = build(wrapping, 0, mesh)
     torch.manual_seed(100 + rank)                 # each rank its own draws
-    straight = train(wrapped, optimizer, scheduler, 0, 4)
+    straight.save(workdir / f'{wrapping}-start', 0)
+    straight_losses = straight.train(0, 4)
 
-    model, wrapped, optimizer, scheduler = build(wrapping, 0, mesh)
+    resumed = build(wrapping, 0, mesh)
     torch.manual_seed(100 + rank)
-    train(wrapped, optimizer, scheduler, 0, 2)
-    save_training_state(workdir / wrapping, wrapped, optimizer, step = 2, scheduler = scheduler)
-
-    model, wrapped, optimizer, scheduler = build(wrapping, 7, mesh)
+    resumed.train(0, 2)
+    resumed.save(workdir / wrapping, 2)
+    resumed = build(wrapping, 7, mesh)
     torch.manual_seed(999)                        # the same on every rank: only the restore can tell them apart
-    state = load_training_state(workdir / wrapping, wrapped, optimizer, scheduler = scheduler)
+    state = resumed.load(workdir / wrapping)
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, torch.get_rng_state())
-    resumed = train(wrapped, optimizer, scheduler, state.step, 4)
-    return dict(straight = straight[2:], resumed = resumed, rng_differs = not torch.equal(states[0], states[1]))
+    resumed_losses = resumed.train(state.step, 4)
+
+    from_start = build(wrapping, 7, mesh)
+    from_start.load(workdir / f'{wrapping}-start')
+    from_start_losses = from_start.train(0, 4)
+    return dict(straight = straight_losses, resumed = resumed_losses, from_start = from_start_losses,
+                rng_differs = not torch.equal(states[0], states[1]), extra = state.extra['data_position'],
+                same_average = same_average(straight, resumed) and same_average(straight, from_start))
 
 
 def ddp_checkpoint_loads_sharded(workdir: Path, mesh) -> bool:
     """The DDP checkpoint (optimizer state by index) into a sharded model: its gathered state
     equals the saved one."""
-    model, _, optimizer, _ = build('fsdp_blocks', 7, mesh)
-    load_training_state(workdir / 'ddp', model, optimizer, restore_rng = False)
-    model_state, optimizer_state = full_states(model, optimizer)
+    run = build('fsdp_blocks', 7, mesh)
+    load_training_state(workdir / 'ddp', run.model, run.optimizer, restore_rng = False)
+    model_state, optimizer_state = full_states(run.model, run.optimizer)
     if dist.get_rank() != 0:
         return True
     saved = torch.load(next((workdir / 'ddp').glob('state-*.pt')), weights_only = True)

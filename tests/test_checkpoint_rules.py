@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn, randint
@@ -194,6 +195,48 @@ def test_subclasses_of_plain_containers_and_keys_are_refused_before_anything_is_
         save_training_state(tmp_path, run.model, run.optimizer, step = 2, extra = {'v': value})
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert load_training_state(tmp_path, run.model, run.optimizer).step == 1
+
+
+class Warmup:
+    """A learning-rate factor as a callable object: LambdaLR saves its __dict__."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, step: int) -> float:
+        return float(min(1., (step + 1) / self.steps))
+
+
+@pytest.mark.parametrize('make, named', [
+    (lambda model: (torch.optim.AdamW(model.parameters(), lr = np.float64(3e-4)), None),
+     r"the optimizer's state_dict\(\)\['param_groups'\]\[0\]\['lr'\]: numpy.float64 cannot be loaded back safely"),
+    (lambda model: (optimizer := torch.optim.AdamW(model.parameters()), torch.optim.lr_scheduler.LambdaLR(optimizer, Warmup(np.int64(10)))),
+     r"the scheduler's state_dict\(\)\['lr_lambdas'\]\[0\]\['steps'\]: numpy.int64 cannot be loaded back safely"),
+], ids = ['numpy_lr', 'numpy_in_a_scheduler'])
+def test_optimizer_and_scheduler_states_that_could_not_be_loaded_are_refused_before_writing(tmp_path: Path, make, named: str):
+    """Written, they would have replaced a good checkpoint with one that weights_only loading
+    refuses."""
+    model = make_model()
+    good = training_run(model)
+    save_training_state(tmp_path, model, good.optimizer, step = 1)
+    optimizer, scheduler = make(model)
+    with pytest.raises(TypeError, match = named):
+        save_training_state(tmp_path, model, optimizer, step = 2, scheduler = scheduler)
+    assert load_training_state(tmp_path, model, good.optimizer).step == 1
+
+
+def test_an_optimizer_of_another_model_is_refused_on_saving_and_loading(tmp_path: Path):
+    """The common slip: the model rebuilt from load_config after its optimizer was built; the
+    optimizer would then train (and save) the old model's parameters."""
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_training_state(tmp_path, model, optimizer, step = 1)
+    rebuilt = Transfusion.from_config(load_config(tmp_path))
+    message = r"the optimizer holds none of the model's parameters"
+    with pytest.raises(ValueError, match = message):
+        load_training_state(tmp_path, rebuilt, optimizer)
+    with pytest.raises(ValueError, match = message):
+        save_training_state(tmp_path, rebuilt, optimizer, step = 2)
 
 
 def test_the_containers_weights_only_loading_rebuilds_are_kept(tmp_path: Path):

@@ -141,7 +141,11 @@ def test_two_process_runs_resume_exactly_under_ddp_and_fsdp2(tmp_path):
     """Saving and loading a training state are collective: each rank gets its own RNG state
     back (so the ranks keep drawing different times and noise) and an FSDP2-sharded model and
     optimizer are gathered and scattered; 2 steps, save, load into a fresh model, 2 steps ==
-    4 steps straight, rank by rank. A DDP checkpoint also loads into the sharded model."""
+    4 steps straight, rank by rank. A save before the first step (an optimizer without state,
+    which torch's FSDP2 state-dict helpers would initialise with a step) changes nothing, and
+    loading it gives the straight run. An EMA made before wrapping (FSDP2 cannot deep-copy a
+    sharded model) gathers the shards on each update and resumes with the rest. A DDP checkpoint
+    also loads into the sharded model."""
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip('needs torch.distributed with the gloo backend')
     worker = Path(__file__).with_name('resume_distributed_worker.py')
@@ -152,7 +156,10 @@ def test_two_process_runs_resume_exactly_under_ddp_and_fsdp2(tmp_path):
     for rank, results in enumerate(per_rank):
         for wrapping in ('ddp', 'fsdp_blocks'):
             case = results[wrapping]
-            assert case['resumed'] == case['straight'], (rank, wrapping)
+            assert case['resumed'] == case['straight'][2:], (rank, wrapping)
+            assert case['from_start'] == case['straight'], (rank, wrapping)
+            assert case['same_average'], (rank, wrapping)
+            assert case['extra'] == 1000 * rank + 2, (rank, wrapping)        # each rank's own extra
             assert case['rng_differs'], wrapping
         assert results['ddp_checkpoint_loads_sharded']
     assert per_rank[0]['ddp']['straight'] != per_rank[1]['ddp']['straight']   # the ranks did see different data

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn, randn
 
-from transfusion_pytorch import compiling, distributed_state
+from transfusion_pytorch import compiling, distributed_state, rng
 from transfusion_pytorch.unet import LatentUNet
 
 
@@ -172,12 +172,12 @@ def test_other_ranks_skip_the_work_and_raise_rank_zeros_failure(monkeypatch):
 # restore_rng_state
 
 def saved_states(count: int) -> list[dict]:
-    """`count` different RNG states, as gathered_rng_states would return them."""
+    """`count` different RNG states, as gathered(rng_state()) would return them."""
     states = []
     for seed in range(count):
         torch.manual_seed(seed)
         random.seed(seed)
-        states.append(distributed_state.rng_state())
+        states.append(rng.rng_state())
     return states
 
 

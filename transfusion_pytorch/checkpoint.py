@@ -35,7 +35,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint_files import FORMAT_VERSION, PRETRAINED_MANIFEST, TRAINING_MANIFEST, read_manifest, read_payload, save_checkpoint
 from .config import TransfusionConfig
-from .distributed_state import full_states, gathered_rng_states, is_sharded, load_full_states, on_rank_zero, restore_rng_state
+from .rng import rng_state
+from .distributed_state import full_states, gathered, is_sharded, load_full_states, on_rank_zero, own_rank_entry, restore_rng_state
 from .version import __version__
 
 _CODER_PREFIXES = ('modalities.encoders.', 'modalities.decoders.')
@@ -191,13 +192,44 @@ def load_pretrained(directory: str | os.PathLike, modality_encoder = None, modal
 
 # training state
 
-def make_ema(model: nn.Module, decay: float = 0.999) -> AveragedModel:
+class ModelEMA(AveragedModel):
+    """torch's AveragedModel whose `update_parameters` also takes an FSDP2-sharded model: it
+    gathers each sharded parameter (collective: every rank calls it, after the same step) into
+    this unsharded average, which every rank then holds whole."""
+
+    def update_parameters(self, model: nn.Module) -> None:
+        model = _unwrap(model)
+        super().update_parameters(_FullParameters(model) if is_sharded(model) else model)
+
+
+class _FullParameters:
+    """A sharded model seen through its parameters gathered whole, in the model's order, and its
+    (unsharded) buffers: what AveragedModel.update_parameters reads."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def parameters(self):
+        from torch.distributed.tensor import DTensor
+        return (p.full_tensor() if isinstance(p, DTensor) else p for p in self.model.parameters())
+
+    def buffers(self):
+        return self.model.buffers()
+
+
+def make_ema(model: nn.Module, decay: float = 0.999) -> ModelEMA:
     """An exponential moving average of `model`'s parameters (a deep copy; its buffers are the
     copies made here, which is right for this model's, all constants of the config: rotary and
     time frequencies, ALiBi slopes): `ema_p = decay * ema_p + (1 - decay) * p` on each `ema.update_parameters(model)`, called
     after every optimizer step (the first call copies). Sample with `ema.module`; save it with
-    `save_pretrained(ema, directory)`. Pass the unwrapped model, not the DDP wrapper."""
-    return AveragedModel(_unwrap(model), multi_avg_fn = get_ema_multi_avg_fn(decay))
+    `save_pretrained(ema, directory)`. Pass the unwrapped model, not the DDP wrapper. Under
+    FSDP2, make it before `fully_shard`: the average stays unsharded on every rank, and
+    `update_parameters(model)` gathers the shards (call it on every rank)."""
+    model = _unwrap(model)
+    if is_sharded(model):
+        raise TypeError('make_ema needs the unsharded model (FSDP2 cannot deep-copy a sharded one): call make_ema(model) '
+                        'before fully_shard; its update_parameters(model) then gathers the shards on every rank')
+    return ModelEMA(model, multi_avg_fn = get_ema_multi_avg_fn(decay))
 
 
 @dataclass
@@ -214,8 +246,9 @@ _MAPPINGS = (dict, OrderedDict, Counter)
 
 
 def _check_plain(value, where: str) -> None:
-    """`extra` holds tensors and plain containers only: anything else could be saved but not
-    loaded with weights_only=True, and the save would have replaced a good checkpoint."""
+    """A training state holds tensors and plain containers only (`extra`, and the optimizer's
+    and scheduler's state dicts, e.g. a NumPy learning rate): anything else could be saved but
+    not loaded with weights_only=True, and the save would have replaced a good checkpoint."""
     if type(value) in _MAPPINGS:
         for key, item in value.items():
             if type(key) not in (str, int, bool):
@@ -226,7 +259,7 @@ def _check_plain(value, where: str) -> None:
             _check_plain(item, f'{where}[{index}]')
     elif not isinstance(value, torch.Tensor) and type(value) not in _PLAIN:    # exact types: np.float64 is a float
         raise TypeError(f'{where}: {type(value).__module__}.{type(value).__name__} cannot be loaded back safely; '
-                        'extra holds tensors, numbers, strings, None and lists/tuples/dicts of them '
+                        'a training state holds tensors, numbers, strings, None and lists/tuples/dicts of them '
                         '(convert it, e.g. torch.as_tensor(array), float(x), str(path))')
 
 
@@ -238,27 +271,40 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     include_coders: save encoder/decoder weights; by default when they are trained.
 
     With torch.distributed initialised and several ranks, call it on every rank (it is
-    collective): it gathers each rank's RNG state and, for an FSDP2-sharded model, the full
-    model and optimizer states; rank 0 writes."""
+    collective): it gathers each rank's RNG state and `extra` and, for an FSDP2-sharded model,
+    the full model and optimizer states; rank 0 writes."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f'step must be a non-negative int, got {step!r}')
     _check_plain(extra or {}, 'extra')
+    _check_plain(optimizer.state_dict(), 'the optimizer\'s state_dict()')
+    if scheduler is not None:
+        _check_plain(scheduler.state_dict(), 'the scheduler\'s state_dict()')
     model = _unwrap(model)
+    _check_optimizer_of(model, optimizer)
     include = model.modalities.train_encoders if include_coders is None else bool(include_coders)
-    rng_states = gathered_rng_states()
+    rng_states, extras = gathered(rng_state()), gathered(extra or {})
     if is_sharded(model):
         model_state, optimizer_state = full_states(model, optimizer)
         model_state = _kept(model_state, include)
     else:
         model_state, optimizer_state = _module_state(model, include), optimizer.state_dict()
-    payload = {'model': model_state, 'optimizer': optimizer_state, 'rng': rng_states[0], 'rng_per_rank': rng_states}
+    payload = {'model': model_state, 'optimizer': optimizer_state, 'rng': rng_states[0], 'rng_per_rank': rng_states,
+               'extra': extras[0], 'extra_per_rank': extras}
     # no rank goes on (and perhaps loads) before the checkpoint is whole
-    on_rank_zero(lambda: _write_training_state(directory, model, optimizer, step, ema, scheduler, extra or {}, include, payload))
+    on_rank_zero(lambda: _write_training_state(directory, model, optimizer, step, ema, scheduler, include, payload))
 
 
-def _write_training_state(directory, model: nn.Module, optimizer, step: int, ema, scheduler, extra: dict, include: bool,
+def _check_optimizer_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer built for another model (e.g. before the model was rebuilt from
+    load_config) would save or take a state that never reaches this model's parameters."""
+    own = {id(p) for p in model.parameters()}
+    if not any(id(p) in own for group in optimizer.param_groups for p in group['params']):
+        raise ValueError('the optimizer holds none of the model\'s parameters: build it from model.parameters() '
+                         'of the model passed here (after rebuilding the model, build its optimizer again)')
+
+
+def _write_training_state(directory, model: nn.Module, optimizer, step: int, ema, scheduler, include: bool,
                           payload: dict) -> None:
-    payload['extra'] = extra
     if ema is not None:
         payload['ema'] = _module_state(ema, include, prefix = 'module.')
     if scheduler is not None:
@@ -286,12 +332,14 @@ def load_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     changed; the model's config must equal the saved one up to RUNTIME_OPTIONS.
 
     With torch.distributed initialised and several ranks, call it on every rank (collective for
-    an FSDP2-sharded model): every rank reads the files, restores its own RNG state and, when
-    sharded, takes its shards of rank 0's full states. A checkpoint from an unsharded model
+    an FSDP2-sharded model): every rank reads the files, restores its own RNG state, gets back
+    its own `extra` and, when sharded, takes its shards of rank 0's full states. A checkpoint from an unsharded model
     loads into a sharded one and the other way round."""
     where = str(Path(directory) / TRAINING_MANIFEST)
     manifest = read_manifest(directory, TRAINING_MANIFEST)
     model = _unwrap(model)
+    if optimizer is not None:
+        _check_optimizer_of(model, optimizer)
     _require_same_config(_config_from_manifest(manifest, where), model.config, where)
     _check_coders(model, manifest, where)
     _check_same_classes(manifest, optimizer, scheduler, where)
@@ -315,4 +363,4 @@ def load_training_state(directory: str | os.PathLike, model: nn.Module, optimize
         scheduler.load_state_dict(payload['scheduler'])
     if restore_rng:
         restore_rng_state(payload.get('rng_per_rank') or [payload['rng']])
-    return TrainingState(step = int(manifest['step']), extra = payload['extra'])
+    return TrainingState(step = int(manifest['step']), extra = own_rank_entry(payload.get('extra_per_rank') or [payload['extra']]))

@@ -1,5 +1,5 @@
-"""What a training checkpoint needs from torch.distributed: every rank's RNG state, and full
-(unsharded) state dicts of an FSDP2-sharded model and its optimizer.
+"""What a training checkpoint needs from torch.distributed: every rank's RNG state and extra,
+and full (unsharded) state dicts of an FSDP2-sharded model and its optimizer.
 
 With a process group of several ranks, saving and loading a training state are collective: every
 rank calls them. Rank 0 writes; each rank restores its own RNG state, so a resumed run draws what
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .rng import rng_state, set_rng_state
+from .rng import set_rng_state
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -46,14 +46,22 @@ def on_rank_zero(work) -> None:
         raise error
 
 
-def gathered_rng_states() -> list[dict]:
-    """Every rank's RNG states, in rank order (collective with several ranks)."""
+def gathered(value) -> list:
+    """Every rank's `value` (a picklable object: RNG states, a training state's extra), in rank
+    order (collective with several ranks)."""
     rank, world = rank_and_world()
     if world == 1:
-        return [rng_state()]
-    states = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def own_rank_entry(values: list):
+    """This rank's entry of a per-rank list saved by `gathered`; saved for fewer ranks, rank r
+    takes entry r modulo their number."""
+    rank, _ = rank_and_world()
+    return values[rank % len(values)]
 
 
 def restore_rng_state(states: list[dict]) -> None:
@@ -105,6 +113,10 @@ def full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict = True, cpu_offload = True)
     model_state = get_model_state_dict(model, options = options)
+    if not optimizer.state:
+        # torch's helper would first initialise the state by a step at lr 0 (Adam's step count
+        # then starts at 1, which changes every later update); nothing is sharded yet
+        return model_state, optimizer.state_dict()
     optimizer_state = get_optimizer_state_dict(model, optimizer, options = options)
     if not optimizer_state:
         return model_state, optimizer_state
@@ -117,7 +129,11 @@ def load_full_states(model: nn.Module, optimizer: torch.optim.Optimizer | None, 
     model and its optimizer; rank 0's copy is scattered to the shards (collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     options = StateDictOptions(full_state_dict = True, broadcast_from_rank0 = True, strict = False)
-    if optimizer is not None:
-        names = _parameter_names(model, optimizer)
+    names = _parameter_names(model, optimizer) if optimizer is not None else None
+    if optimizer is not None and not optimizer_state['state']:
+        # saved before the first step: torch's helper would initialise the state by a step at
+        # lr 0 (as in full_states); the plain load takes the hyperparameters and clears the state
+        optimizer.load_state_dict(optimizer_state)
+    elif optimizer is not None:
         set_optimizer_state_dict(model, optimizer, _renamed(optimizer_state, names.__getitem__), options = options)
     set_model_state_dict(model, model_state, options = options)
