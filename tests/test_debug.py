@@ -22,7 +22,7 @@ from transfusion_pytorch import debug
 
 # Each case is called in the subprocess; the report says which exception (if any) came out.
 SCRIPT = r'''
-import json, torch
+import json, numpy, torch
 from jaxtyping import TypeCheckError
 from transfusion_pytorch import Transfusion, flow
 from transfusion_pytorch.debug import DEBUG
@@ -49,6 +49,14 @@ valid = {
     'times as a list': lambda: model(batch, times = [0.3, 0.6]),
     'prompts as a tuple': lambda: model.sample_many((None, None), **quiet),
     'fixed shape as a list': lambda: model.generate_modality_only(1, fixed_modality_shape = [2, 3], modality_steps = 1),
+    # the library's own checks take NumPy numbers, 0-d tensors and integer times: so must the annotations
+    'NumPy numbers in sampling': lambda: model.sample(cfg_scale = numpy.float32(1.5), text_temperature = numpy.float64(.7),
+                                                      **{**quiet, 'max_length': numpy.int64(16)}),
+    'NumPy numbers in generate_text_only': lambda: model.generate_text_only(torch.zeros(1, 1, dtype = torch.long), numpy.int64(4),
+                                                                            temperature = numpy.float32(.7), min_p = numpy.float32(.1)),
+    'NumPy numbers in generate_modality_only': lambda: model.generate_modality_only(numpy.int64(1), numpy.int64(0), modality_steps = numpy.int64(1)),
+    'times as 0-d tensors': lambda: model(batch, times = [torch.tensor(.3), torch.tensor(.6)]),
+    'times as integers': lambda: model(batch, times = torch.tensor([0, 1])),
 }
 wrong = {   # name of the argument the message must name -> a call with that argument wrong
     'times': lambda: model(batch, times = torch.rand(2, 1)),

@@ -121,6 +121,8 @@ def draws_and_errors():
         (dict(times = torch.tensor([.5, 1.5])), ValueError, r'instance 1 has 1.5'),
         (dict(times = torch.tensor([-.25, .5])), ValueError, r'instance 0 has -0.25'),
         (dict(times = torch.rand(3)), ValueError, r'one value per modality instance \(2\), got 3'),
+        (dict(times = torch.rand(2, 1)), (ValueError, TypeError), r"times must hold one value per modality instance, of shape \(2,\), got shape \(2, 1\)|parameter 'times'"),
+        (dict(times = torch.tensor([True, False])), TypeError, r"times must be real numbers, got a tensor of torch.bool|parameter 'times'"),
         (dict(times = 'half'), TypeError, r"times must be a tensor or a list of floats|parameter 'times'"),   # the latter: debug mode
         (dict(noise = [noise[0], noise[1].fill_(float('inf'))]), ValueError, 'noise for instance 1 holds non-finite values'),
         (dict(noise = [noise[0], [1., 2.]]), TypeError, r"noise for instance 1 must be a floating tensor, got list|'noise': \[f32"),

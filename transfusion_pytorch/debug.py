@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar, Union
 
+import jaxtyping
 import torch
 from torch import Tensor
 
@@ -39,6 +40,10 @@ _OFF_VALUES = ('', '0', 'false', 'no', 'off')
 # with messages that name the problem (a 1-D id tensor: "expects token ids of shape (b, n)"; a
 # bad item: its sample and item index), which a failed Int/Float hint would replace.
 Batch = Union[Tensor, Sequence]
+
+# Caller-given flow-matching times, one per modality instance: a real tensor Real['i'] (or 0-d
+# for one instance), or a sequence of numbers; objective.checked_times checks the same rule.
+Times = Union[jaxtyping.Real[Tensor, 'i'], jaxtyping.Real[Tensor, ''], Sequence, None]
 
 Function = TypeVar('Function', bound = Callable)
 

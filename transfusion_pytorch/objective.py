@@ -86,7 +86,12 @@ def checked_times(times, count: int, device: torch.device) -> Tensor:
     noise, t = 1 data). A research path: its check may read back from the device."""
     if not torch.is_tensor(times) and not isinstance(times, (list, tuple)):
         raise TypeError(f'times must be a tensor or a list of floats, one per modality instance, got {type(times).__name__}')
-    times = torch.as_tensor(times, dtype = torch.float32).reshape(-1)
+    if torch.is_tensor(times) and (times.dtype == torch.bool or times.is_complex()):
+        raise TypeError(f'times must be real numbers, got a tensor of {times.dtype}')
+    times = torch.as_tensor(times, dtype = torch.float32)
+    if times.ndim > 1:
+        raise ValueError(f'times must hold one value per modality instance, of shape ({count},), got shape {tuple(times.shape)}')
+    times = times.reshape(-1)
     if times.shape[0] != count:
         raise ValueError(f'times must hold one value per modality instance ({count}), got {times.shape[0]}')
     outside = ~((times >= 0) & (times <= 1))                  # NaN is outside too

@@ -341,7 +341,7 @@ def forced_start(model, value, argument: str = 'force_modality_at_start') -> tup
 def _check_options(options: SamplingOptions) -> None:
     for name, least in (('max_length', 2), ('modality_steps', 1)):
         value = getattr(options, name)
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_integer(value):
             raise TypeError(f'{name} must be an int, got {type(value).__name__}')
         if value < least:
             raise ValueError(f'{name} must be at least {least}, got {value}')
@@ -351,6 +351,10 @@ def _check_options(options: SamplingOptions) -> None:
     if not math.isfinite(options.cfg_scale):
         raise ValueError(f'cfg_scale must be finite (1: no guidance), got {options.cfg_scale}')
     flow.check_method(options.ode_method)
+    # NumPy numbers pass the checks above; from here on they are plain Python numbers
+    options.max_length, options.modality_steps = int(options.max_length), int(options.modality_steps)
+    options.text_temperature, options.text_min_p = float(options.text_temperature), float(options.text_min_p)
+    options.cfg_scale = float(options.cfg_scale)
 
 
 def _generators(seed, count: int, device) -> list:

@@ -188,6 +188,7 @@ def generate_text_only(
     check_text_sampling(temperature, min_p)
     if not is_integer(seq_len):
         raise TypeError(f'seq_len must be an int, got {type(seq_len).__name__}')
+    seq_len, temperature, min_p = int(seq_len), float(temperature), float(min_p)   # NumPy numbers pass the checks
     if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.is_floating_point() or prompt.dtype == torch.bool:
         raise ValueError(f'prompt must be integer token ids of shape (b, p) with p >= 1, got {tuple(prompt.shape)} {prompt.dtype}')
     text_count = model.config.num_text_tokens

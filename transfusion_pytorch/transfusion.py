@@ -17,6 +17,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from collections.abc import Sequence
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from . import flow, objective
 from .batch import PackedBatch, pack, to_items
 from .config import TransfusionConfig, build_config, is_integer
-from .debug import Batch, typechecked
+from .debug import Batch, Times, typechecked
 from .masks import alibi_slopes, causal_mask
 from .token_layout import packed_transformer_inputs
 from .modality import Modalities
@@ -120,8 +121,8 @@ class Transfusion(nn.Module):
     # training
 
     @typechecked
-    def forward(self, batch: Batch, *, modality_type: int | None = None, return_breakdown: bool = False,
-                times: Float[Tensor, 'i'] | Float[Tensor, ''] | Sequence[float] | None = None, noise: Sequence[Tensor] | None = None
+    def forward(self, batch: Batch, *, modality_type: Integral | None = None, return_breakdown: bool = False,
+                times: Times = None, noise: Sequence[Tensor] | None = None
                 ) -> Float[Tensor, ''] | tuple[Float[Tensor, ''], LossBreakdown]:
         """Scalar training loss (and a LossBreakdown with return_breakdown=True).
 
@@ -199,8 +200,8 @@ class Transfusion(nn.Module):
 
     @torch.no_grad()
     @typechecked
-    def predict(self, batch: Batch, times: Float[Tensor, 'i'] | Float[Tensor, ''] | Sequence[float] | None = None, noise: Sequence[Tensor] | None = None, *,
-                modality_type: int | None = None) -> Prediction:
+    def predict(self, batch: Batch, times: Times = None, noise: Sequence[Tensor] | None = None, *,
+                modality_type: Integral | None = None) -> Prediction:
         """Per-token text logits and per-instance velocities for a batch at the given times and
         noise (drawn when not given), without dropout of conditioning. Runs under no_grad; call
         `predict.__wrapped__(model, ...)` for gradients."""
@@ -247,9 +248,9 @@ class Transfusion(nn.Module):
     # sampling (sampling.py, text_generation.py)
 
     @typechecked
-    def sample_many(self, prompts: Sequence, *, max_length: int = 2048, text_temperature: float = 1., text_min_p: float = 0.1,
-                    cache_kv: bool = True, modality_steps: int = 16, ode_method: str = 'midpoint',
-                    fixed_modality_shape = None, force_modality_at_start = None, cfg_scale: float = 1.,
+    def sample_many(self, prompts: Sequence, *, max_length: Integral = 2048, text_temperature: Real = 1., text_min_p: Real = 0.1,
+                    cache_kv: bool = True, modality_steps: Integral = 16, ode_method: str = 'midpoint',
+                    fixed_modality_shape = None, force_modality_at_start = None, cfg_scale: Real = 1.,
                     seed = None, show_progress: bool = True, stop_after_modality: bool = False,
                     cuda_graphs: bool = True) -> list[list]:
         """Sample one continuation per prompt, batched: rows in the same phase share forwards.
@@ -295,8 +296,8 @@ class Transfusion(nn.Module):
         return self.sample_many([prompt], **kwargs)[0]
 
     @typechecked
-    def generate_modality_only(self, batch_size: int = 1, modality_type: int = 0, fixed_modality_shape: Sequence[int] | None = None,
-                               modality_steps: int = 16, ode_method: str = 'midpoint', cfg_scale: float = 1., seed = None,
+    def generate_modality_only(self, batch_size: Integral = 1, modality_type: Integral = 0, fixed_modality_shape: Sequence[int] | None = None,
+                               modality_steps: Integral = 16, ode_method: str = 'midpoint', cfg_scale: Real = 1., seed = None,
                                show_progress: bool = False, cuda_graphs: bool = True) -> Float[Tensor, 'b ...']:
         """Float['b ...'] instances of one modality generated unconditionally (after BOS), in the
         user's layout and decoded; the shape is fixed_modality_shape or the default shape.
@@ -306,6 +307,7 @@ class Transfusion(nn.Module):
         for name, value in (('modality_type', modality_type), ('batch_size', batch_size)):
             if not is_integer(value):
                 raise TypeError(f'{name} must be an int, got {type(value).__name__}')
+        modality_type, batch_size = int(modality_type), int(batch_size)
         if not 0 <= modality_type < count:
             raise ValueError(f'modality_type {modality_type} is not a modality of this model ({count} modalit{"y" if count == 1 else "ies"})')
         if batch_size < 1:
@@ -325,7 +327,7 @@ class Transfusion(nn.Module):
         return torch.stack([sample[-1][1] for sample in samples])
 
     @typechecked
-    def generate_text_only(self, prompt: Tensor, seq_len: int, temperature: float = 1., min_p: float = 0.1,
+    def generate_text_only(self, prompt: Tensor, seq_len: Integral, temperature: Real = 1., min_p: Real = 0.1,
                            cache_kv: bool = True, compile_step: bool | None = None) -> Int[Tensor, 'b new']:
         """Text-only continuation of Int['b p'] prompts to seq_len tokens in all; returns the new
         tokens Int['b (seq_len - p)']. compile_step (default: the transformer's compile_blocks):
