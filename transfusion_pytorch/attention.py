@@ -24,15 +24,17 @@ from .masks import AttentionMask
 from .packed_linear import BlockPacks
 from .positions import apply_rotary
 
-_compiled_flex_attention = None
+_compiled_flex_attention: dict[bool, object] = {}   # static shapes or not -> flex_attention compiled
 
 
 def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """flex_attention is only fast compiled; compile it once per process, lazily. Shapes are
     left to torch.compile's automatic dynamic: a second sequence length compiles a kernel for
     any length, where static shapes recompiled per length until the recompile limit, after
-    which every call ran unfused (all n x n scores)."""
-    global _compiled_flex_attention
+    which every call ran unfused (all n x n scores). Except on CPU with a score_mod (ALiBi):
+    there Inductor's C++ flex kernel with dynamic shapes failed to compile (torch 2.13,
+    "'cur_qSplitSize5' was not declared"), so each length compiles its own."""
+    static = q.device.type == 'cpu' and mask.score_mod is not None
     if q.device.type == 'cpu':
         # compiled on CPU (torch 2.13), flex attention computed wrong outputs when it got a value
         # tensor that is a strided view (heads split off a fused projection) and queries computed
@@ -41,9 +43,9 @@ def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
-    if _compiled_flex_attention is None:
-        _compiled_flex_attention = torch.compile(flex_attention)
-    return _compiled_flex_attention(q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
+    if static not in _compiled_flex_attention:
+        _compiled_flex_attention[static] = torch.compile(flex_attention, dynamic = False if static else None)
+    return _compiled_flex_attention[static](q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
