@@ -104,6 +104,8 @@ def test_shape_tokens_off_requires_the_fixed_shape():
     (dict(modality_experts = None), 'modality_experts must be True or False, got None'),
     (dict(channel_first_latent = ['yes']), "channel_first_latent must be True or False, got 'yes'"),
     (dict(transformer = dict(dim = 64, depth = 2, compile_stack = True)), 'compile_stack .* needs compile_blocks=True'),
+    (dict(transformer = dict(dim = 64, depth = 2, compile_blocks = True, compile_stack = True, checkpoint_activations = True,
+                             compile_options = {'cpp_wrapper': True})), 'checkpoint_activations with compile_stack cannot use compile_options cpp_wrapper'),
     (dict(modality_default_shape = (4,), modality_unet_dim = 32), 'modality_unet_dim=32 is the width of the U-Net that modality_downsample > 1 builds'),
 ])
 def test_bad_configuration_explains_itself(kwargs, message):

@@ -118,6 +118,11 @@ class TransformerConfig:
             'qk_norm', 'unet_skips', 'value_residual', 'laser', 'compile_blocks', 'compile_stack', 'checkpoint_activations')})
         _require(self.compile_blocks or not self.compile_stack,
                  'transformer.compile_stack compiles the stack in place of each block, so it needs compile_blocks=True')
+        # activation checkpointing inside one compiled region puts torch's run-and-save-RNG op in the
+        # graph, which Inductor's C++ wrapper cannot launch (torch 2.13: the first training step failed)
+        _require(not (self.compile_stack and self.checkpoint_activations and dict(self.compile_options).get('cpp_wrapper')),
+                 'transformer.checkpoint_activations with compile_stack cannot use compile_options cpp_wrapper (Inductor '
+                 'cannot launch the RNG-state op checkpointing adds to the region); compile per block (compile_stack=False) instead')
         _require(self.dim_head % 2 == 0, f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')
         _require(_is_finite_number(self.ff_mult) and self.ff_mult > 0, f'transformer.ff_mult must be a positive number, got {self.ff_mult!r}')
         _require(self.dim_ff >= 1, f'transformer.ff_mult={self.ff_mult} leaves the feed-forward with int(dim * ff_mult * 2 / 3) = 0 hidden units')
