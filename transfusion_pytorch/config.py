@@ -8,7 +8,6 @@ modules can trust their inputs. The README style (`dim_latent=(384, 192)`,
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Sequence
 
@@ -22,16 +21,6 @@ TimeConditioning = Literal['additive', 'adaptive']
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def is_real_number(value: Any) -> bool:
-    """A Python or NumPy real number, not a bool (which would pass for 0 or 1)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def is_integer(value: Any) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_positive_int(value: Any) -> bool:

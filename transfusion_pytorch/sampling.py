@@ -27,25 +27,11 @@ from tqdm.auto import tqdm
 from . import flow
 from .autocast_weights import weights_cast_once
 from .batch import TextItem, to_items
-from .config import is_integer, is_real_number
 from .decoding import CachedRunner, UncachedRunner
 from .modes import eval_mode
-from .text_generation import check_text_sampling, choose_tokens
+from .sampling_options import SamplingOptions, check_options, fixed_shapes, forced_start, row_generators
+from .text_generation import choose_tokens
 from .tokens import ShapeDecoder, min_instance_length
-
-
-@dataclass
-class SamplingOptions:
-    max_length: int = 2048
-    text_temperature: float = 1.
-    text_min_p: float = 0.1
-    modality_steps: int = 16
-    ode_method: str = 'midpoint'
-    cfg_scale: float = 1.
-    cache_kv: bool = True
-    fixed_modality_shape: dict[int, tuple[int, ...]] = field(default_factory = dict)
-    show_progress: bool = True
-    cuda_graphs: bool = True
 
 
 @dataclass
@@ -277,111 +263,15 @@ def _echo(item, device) -> object:
     return item.reshape(-1).long().to(device)
 
 
-def _as_shape(value, argument: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list, torch.Size)) or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in value):
-        raise ValueError(f'{argument}: a shape must be a tuple of positive ints, got {value!r}')
-    return tuple(value)
-
-
-def _shape_problem(model, modality: int, shape: tuple[int, ...]) -> str | None:
-    """Why `shape` cannot be sampled for `modality` (None if it can): the data-side checks of
-    training (batch.canonical_latent), so a sample is valid input as it is."""
-    spec = model.config.modalities[modality]
-    if spec.num_axes is not None and len(shape) != spec.num_axes:
-        return f'modality {modality} has {spec.num_axes} axes, got shape {shape}'
-    if not spec.shape_tokens and shape != spec.default_shape:
-        return f'modality {modality} has shape tokens off; its shape is fixed at {spec.default_shape}'
-    if any(a % spec.downsample for a in shape):
-        return f'shape {shape} for modality {modality} must be divisible by its downsample factor {spec.downsample}'
-    if any(a > model.config.max_shape_value for a in shape):
-        return f'shape {shape} for modality {modality} exceeds max_shape_value={model.config.max_shape_value}'
-    return None
-
-
-def _fixed_shapes(model, fixed_modality_shape) -> dict[int, tuple[int, ...]]:
-    """{modality: shape}: from a dict (each must fit its modality), or one shape for every
-    modality it fits (at least one)."""
-    count = model.config.num_modalities
-    if fixed_modality_shape is None:
-        return {}
-    if not isinstance(fixed_modality_shape, dict):
-        shape = _as_shape(fixed_modality_shape, 'fixed_modality_shape')
-        problems = [_shape_problem(model, m, shape) for m in range(count)]
-        if all(problems):
-            raise ValueError(f'fixed_modality_shape {shape} fits no modality: ' + '; '.join(problems or ['the model has no modalities']))
-        return {m: shape for m, problem in enumerate(problems) if problem is None}
-    shapes = {}
-    for m, value in fixed_modality_shape.items():
-        if not isinstance(m, int) or isinstance(m, bool):
-            raise TypeError(f'fixed_modality_shape keys must be modality indices, got {m!r}')
-        if not 0 <= m < count:
-            raise ValueError(f'fixed_modality_shape names modality {m!r}, but the model has {count}')
-        shapes[m] = _as_shape(value, f'fixed_modality_shape[{m}]')
-        if problem := _shape_problem(model, m, shapes[m]):
-            raise ValueError(f'fixed_modality_shape: {problem}')
-    return shapes
-
-
-def forced_start(model, value, argument: str = 'force_modality_at_start') -> tuple[int, tuple[int, ...] | None] | None:
-    """force_modality_at_start as (modality, shape or None), checked; errors name `argument`."""
-    if value is None:
-        return None
-    modality, shape = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
-    if not isinstance(modality, int) or isinstance(modality, bool):
-        raise TypeError(f'force_modality_at_start must be a modality index or (index, shape), got {value!r}')
-    if not 0 <= modality < model.config.num_modalities:
-        raise ValueError(f'force_modality_at_start names modality {modality}, but the model has {model.config.num_modalities}')
-    if shape is not None:
-        shape = _as_shape(shape, argument)
-        if problem := _shape_problem(model, modality, shape):
-            raise ValueError(f'{argument}: {problem}')
-    return modality, shape
-
-
-def _check_options(options: SamplingOptions) -> None:
-    for name, least in (('max_length', 2), ('modality_steps', 1)):
-        value = getattr(options, name)
-        if not is_integer(value):
-            raise TypeError(f'{name} must be an int, got {type(value).__name__}')
-        if value < least:
-            raise ValueError(f'{name} must be at least {least}, got {value}')
-    check_text_sampling(options.text_temperature, options.text_min_p, 'text_temperature', 'text_min_p')
-    if not is_real_number(options.cfg_scale):
-        raise TypeError(f'cfg_scale must be a number (1: no guidance), got {type(options.cfg_scale).__name__}')
-    if not math.isfinite(options.cfg_scale):
-        raise ValueError(f'cfg_scale must be finite (1: no guidance), got {options.cfg_scale}')
-    flow.check_method(options.ode_method)
-    # NumPy numbers pass the checks above; from here on they are plain Python numbers
-    options.max_length, options.modality_steps = int(options.max_length), int(options.modality_steps)
-    options.text_temperature, options.text_min_p = float(options.text_temperature), float(options.text_min_p)
-    options.cfg_scale = float(options.cfg_scale)
-
-
-def _generators(seed, count: int, device) -> list:
-    """One generator per row: seed (an int) seeds row r with seed + r; a list or tuple gives
-    each row's seed."""
-    if seed is None:
-        return [None] * count
-    if not isinstance(seed, (list, tuple)) and not is_integer(seed):
-        raise TypeError(f'seed must be an int, or a list of ints (one per prompt), got {type(seed).__name__}')
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + r for r in range(count)]
-    if len(seeds) != count:
-        raise ValueError(f'got {len(seeds)} seeds for {count} prompts')
-    for r, value in enumerate(seeds):
-        if not is_integer(value) or not -2 ** 63 <= value < 2 ** 64:
-            raise ValueError(f'the seed of prompt {r} must be an int in [-2**63, 2**64), got {value!r}')
-    return [torch.Generator(device = device).manual_seed(int(s)) for s in seeds]
-
-
 @torch.no_grad()
 def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = None, stop_after_modality: bool = False, **options) -> list[list]:
     """See Transfusion.sample_many."""
     options = SamplingOptions(**options)
-    _check_options(options)
-    options.fixed_modality_shape = _fixed_shapes(model, options.fixed_modality_shape)
+    check_options(options)
+    options.fixed_modality_shape = fixed_shapes(model, options.fixed_modality_shape)
     forced = forced_start(model, force_modality_at_start)
     user_prompts = [_normalize_prompt(p) for p in prompts]
-    generators = _generators(seed, len(user_prompts), model.device)
+    generators = row_generators(seed, len(user_prompts), model.device)
     # from encoding the prompts on: a trainable encoder must not run in train mode
     with eval_mode(model), weights_cast_once(model):
         items = model_items(model, user_prompts)

@@ -18,9 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .autocast_weights import weights_cast_once
 from .compiling import skip_guard_checks
-from .config import is_integer, is_real_number
 from .kv_cache import KVCache
 from .masks import AttentionMask
+from .sampling_options import check_text_sampling, is_integer
 from .replay import Replayed, recorded_region
 
 
@@ -145,18 +145,6 @@ class TextDecoder:
         self.last_token.copy_(choose_tokens(logits, temperature, min_p)[:, None])
         self.position.fill_(prompt.shape[1])
         return self.last_token
-
-
-def check_text_sampling(temperature: float, min_p: float, temperature_name: str = 'temperature', min_p_name: str = 'min_p') -> None:
-    """Temperature >= 0 (0 is greedy) and min-p in [0, 1]: a negative temperature would favour
-    the least likely tokens (and the special tokens masked to -inf), a min-p above 1 keep none."""
-    for name, value in ((temperature_name, temperature), (min_p_name, min_p)):
-        if not is_real_number(value):
-            raise TypeError(f'{name} must be a number, got {type(value).__name__}')
-    if not 0 <= temperature < float('inf'):
-        raise ValueError(f'{temperature_name} must be finite and >= 0 (0 is greedy), got {temperature}')
-    if not 0 <= min_p <= 1:
-        raise ValueError(f'{min_p_name} must lie in [0, 1], got {min_p}')
 
 
 def text_decoder(model, batch: int, slots: int, compile_step: bool) -> TextDecoder:

@@ -27,12 +27,13 @@ from torch import Tensor, nn
 
 from . import flow, objective
 from .batch import PackedBatch, pack, to_items
-from .config import TransfusionConfig, build_config, is_integer
+from .config import TransfusionConfig, build_config
 from .debug import Batch, Times, typechecked
 from .masks import alibi_slopes, causal_mask
 from .token_layout import packed_transformer_inputs
 from .modality import Modalities
 from .modes import eval_mode
+from .sampling_options import is_integer
 from .objective import LossBreakdown
 from .tokens import Vocabulary
 from .transformer import Transformer
@@ -302,7 +303,8 @@ class Transfusion(nn.Module):
         """Float['b ...'] instances of one modality generated unconditionally (after BOS), in the
         user's layout and decoded; the shape is fixed_modality_shape or the default shape.
         The other keywords are those of `sample_many`."""
-        from .sampling import forced_start, sample_many
+        from .sampling import sample_many
+        from .sampling_options import forced_start
         count = self.config.num_modalities
         for name, value in (('modality_type', modality_type), ('batch_size', batch_size)):
             if not is_integer(value):
