@@ -276,7 +276,8 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f'step must be a non-negative int, got {step!r}')
     _check_plain(extra or {}, 'extra')
-    _check_plain(optimizer.state_dict(), 'the optimizer\'s state_dict()')
+    local_optimizer_state = optimizer.state_dict()
+    _check_plain(local_optimizer_state, 'the optimizer\'s state_dict()')
     if scheduler is not None:
         _check_plain(scheduler.state_dict(), 'the scheduler\'s state_dict()')
     model = _unwrap(model)
@@ -287,7 +288,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
         model_state, optimizer_state = full_states(model, optimizer)
         model_state = _kept(model_state, include)
     else:
-        model_state, optimizer_state = _module_state(model, include), optimizer.state_dict()
+        model_state, optimizer_state = _module_state(model, include), local_optimizer_state
     payload = {'model': model_state, 'optimizer': optimizer_state, 'rng': rng_states[0], 'rng_per_rank': rng_states,
                'extra': extras[0], 'extra_per_rank': extras}
     # no rank goes on (and perhaps loads) before the checkpoint is whole
