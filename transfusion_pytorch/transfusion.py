@@ -75,8 +75,8 @@ class Transfusion(nn.Module):
     Keyword arguments follow the README: `num_text_tokens`, `transformer=dict(dim=..., depth=...)`
     (see TransformerConfig), `dim_latent` (an int, or one per modality), `modality_default_shape`,
     `channel_first_latent`, `add_modality_shape_tokens`, `modality_loss_weight`,
-    `modality_encoder` / `modality_decoder` (a module or one per modality, frozen unless
-    `train_modality_encoders=True`), and any other TransfusionConfig field (loss weights, time
+    `modality_encoder` / `modality_decoder` (a module or one per modality; encoders frozen
+    unless `train_modality_encoders=True`, decoders always frozen), and any other TransfusionConfig field (loss weights, time
     sampling, noise limiting, condition dropout, ...) but `modalities`, which the per-modality
     keywords build; a ready TransfusionConfig goes to `Transfusion.from_config`.
     """
@@ -261,7 +261,8 @@ class Transfusion(nn.Module):
         max_length: tokens per sample in all (BOS, prompt, special, latent tokens).
         text_temperature, text_min_p: text sampling (temperature >= 0, 0 is greedy); min-p in
             [0, 1] keeps tokens with p >= text_min_p * p_max.
-        cache_kv: static KV cache; False recomputes the whole sequence each step (same result).
+        cache_kv: static KV cache; False recomputes the whole sequence each step (the same text,
+            latents to rounding; to an adaptive solver's tolerance with one).
         modality_steps, ode_method: torchdiffeq solver and its number of equal steps over t in
             [0, 1]; evaluations of the network = modality_steps x (1 euler, 2 midpoint or heun2,
             3 heun3, 4 rk4); adaptive solvers ('dopri5', ...) choose their own steps.
@@ -271,7 +272,7 @@ class Transfusion(nn.Module):
         cfg_scale: classifier-free guidance; the unconditional branch (latents seeing only their
             own instance) runs in the same forward; 1 disables it at no extra cost.
         seed: an int (row r uses seed + r) or one int per prompt; each row then draws from its own
-            generator, so the result does not depend on the batch.
+            generator, so the result does not depend on the batch (latents up to rounding).
         stop_after_modality: end each sample right after the first modality it generates (e.g.
             one image per text prompt), without encoding it for more text.
         cuda_graphs: on a GPU with cache_kv, capture each modality instance's ODE evaluation as a
