@@ -283,7 +283,8 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     model = _unwrap(model)
     _check_optimizer_of(model, optimizer)
     include = model.modalities.train_encoders if include_coders is None else bool(include_coders)
-    rng_states, extras = gathered(rng_state()), gathered(extra or {})
+    per_rank = gathered({'rng': rng_state(), 'extra': extra or {}})     # one collective for both
+    rng_states, extras = [r['rng'] for r in per_rank], [r['extra'] for r in per_rank]
     if is_sharded(model):
         model_state, optimizer_state = full_states(model, optimizer)
         model_state = _kept(model_state, include)

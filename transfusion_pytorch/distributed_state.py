@@ -74,9 +74,10 @@ def restore_rng_state(states: list[dict]) -> None:
         return
     warnings.warn(f'the RNG states were saved for {len(states)} process(es) and this run has {world}: '
                   'training continues with other random draws than the saved run would have made')
-    set_rng_state(states[rank % len(states)])
+    state = own_rank_entry(states)
+    set_rng_state(state)
     if rank >= len(states):
-        seed = (int(states[rank % len(states)]['torch'][:64].long().sum()) * 1_000_003 + rank) % 2 ** 63
+        seed = (int(state['torch'][:64].long().sum()) * 1_000_003 + rank) % 2 ** 63
         torch.manual_seed(seed)
         random.seed(seed)
         numpy = sys.modules.get('numpy')
