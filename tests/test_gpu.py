@@ -1,5 +1,6 @@
 """CUDA-only checks (skipped without a GPU): flex attention with its backward, bf16 training,
-compiled blocks, cached decoding and CUDA-graph text decoding on the device."""
+compiled blocks, cached decoding and CUDA-graph text decoding on the device, frequency tables
+rebuilt on the device."""
 import pytest
 import torch
 from torch import randint, randn
@@ -187,3 +188,38 @@ def test_autocast_weight_copies_keep_their_cuda_graph_and_follow_the_weights(rec
         fresh = run()
     assert torch.equal(kept, fresh) and not torch.equal(before, kept)
     assert not [w for w in recwarn if 're-record' in str(w.message).lower()]
+
+
+def test_cuda_graph_text_decoder_follows_weights_whose_storage_was_replaced(recwarn):
+    """`param.data = other` (what some EMA swaps do) moves a weight to a new address. A kept
+    decoder's CUDA graph read the old addresses when captured; the next call must read the new
+    weights: the same tokens as eager decoding and as a decoder built afresh."""
+    model = model_on_cuda().eval()
+    prompt = randint(0, 32, (2, 3)).cuda()
+    run = lambda compile_step = True: model.generate_text_only(prompt, 40, temperature = 0., compile_step = compile_step)
+    before = run()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data + torch.randn_like(parameter) * 0.05
+    kept = run()
+    eager = run(compile_step = False)
+    model.__dict__.pop('_text_decoders')
+    fresh = run()
+    assert not torch.equal(before, eager)
+    assert torch.equal(kept, eager) and torch.equal(fresh, eager)
+
+
+def test_frequency_tables_moved_to_cuda_are_rebuilt_in_fp32():
+    """A model cast to bf16 and then moved to the GPU holds the same fp32 rotary and time
+    frequencies as an fp32 model moved there, and to rounding the ones built on the CPU."""
+    def tables(model):
+        return {name: value for name, value in model.named_buffers() if 'freq' in name}
+    build = lambda: Transfusion(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 32, depth = 1, dim_head = 16))
+    on_cpu = tables(build())
+    in_fp32, from_bf16 = tables(build().cuda()), tables(build().to(torch.bfloat16).cuda())
+    assert sorted(from_bf16) == sorted(on_cpu) == ['modalities.time_embedding.frequencies', 'transformer.rotary.inv_freq']
+    for name, value in from_bf16.items():
+        assert value.is_cuda and value.dtype == torch.float32, name
+        assert torch.equal(value, in_fp32[name]), name
+        torch.testing.assert_close(value.cpu(), on_cpu[name], atol = 0, rtol = 1e-6, msg = name)
