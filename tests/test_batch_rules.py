@@ -1,4 +1,4 @@
-"""Rules of batch.py, tokens.py and config.py that mutation testing found unpinned: every refusal
+"""Rules of items.py, batch.py, tokens.py and config.py that mutation testing found unpinned: every refusal
 names the sample, the item and what was expected (never an IndexError or AttributeError), the
 accepted spellings of a batch (tuples, 0-d text) pack and sample as their canonical form, the
 vocabulary keeps its documented id layout, and the configuration refuses values just outside its

@@ -82,7 +82,7 @@ def test_a_callers_force_eager_is_kept_through_the_loops():
 def test_compiled_prefills_match_eager_and_stop_recompiling():
     """CPU prompt prefills run the compiled blocks: each length gives eager's logits, and after
     the first lengths (static, then dynamic) a new length compiles nothing."""
-    from transfusion_pytorch.batch import ModalityItem, TextItem
+    from transfusion_pytorch.items import ModalityItem, TextItem
     from transfusion_pytorch.decoding import CachedRunner
     model = randomized(tiny_model(transformer = COMPILED)).eval()
     twin = eager_twin(model).eval()

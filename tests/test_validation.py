@@ -23,6 +23,10 @@ CASES = [
     ([[randint(0, 16, (2,)), randn(2, 3, 8).fill_(float('nan'))]], ValueError, r'sample 0, item 1: modality latent contains NaN or inf'),
     ([], ValueError, 'the batch is empty'),
     ('text', TypeError, 'a batch must be a list of samples'),
+    ([[randint(0, 16, (2,)), randn(2, 3, 8, device = 'meta')]], TypeError, r'sample 0, item 1: expected a dense tensor holding values, got a meta tensor'),
+    ([[(0, randn(2, 3, 8).to_sparse())]], TypeError, r'sample 0, item 0: expected a dense tensor holding values, got a torch.sparse_coo tensor'),
+    ([[randint(0, 16, (3,)).to_sparse()]], TypeError, r'sample 0, item 0: expected a dense tensor holding values, got a torch.sparse_coo'),
+    ([[randint(0, 16, (2,))], [randint(0, 16, (3,), device = 'meta')]], TypeError, r'sample 1, item 0: expected a dense tensor holding values, got a meta'),
 ]
 
 

@@ -14,7 +14,7 @@ With the variable off, `typechecked` returns the function itself: no wrapper, no
 of behaviour. The variable is read once, at import time.
 
 Annotations are contracts, not input validation: the library's own checks of user input (the
-ValueError/TypeError messages naming sample and item, batch.py) stay the first line. Arguments
+ValueError/TypeError messages naming sample and item, items.py) stay the first line. Arguments
 that those checks validate with better messages (a batch, a prompt) are annotated broadly, so
 debug mode never replaces a clear message with a generic one.
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .batch import ModalityItem, TextItem, pack
+from .batch import pack
+from .items import ModalityItem, TextItem
 from .experts import Routing
 from .graphs import GraphedFunction
 from .kv_cache import KVCache

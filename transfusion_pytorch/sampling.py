@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import flow
 from .autocast_weights import weights_cast_once
-from .batch import TextItem, to_items
+from .items import TextItem, to_items
 from .decoding import CachedRunner, UncachedRunner
 from .modes import eval_mode
 from .sampling_options import SamplingOptions, check_options, fixed_shapes, forced_start, row_generators

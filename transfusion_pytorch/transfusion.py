@@ -26,7 +26,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from . import flow, objective
-from .batch import PackedBatch, pack, to_items
+from .batch import PackedBatch, pack
+from .items import to_items
 from .config import TransfusionConfig, build_config
 from .debug import Batch, Times, typechecked
 from .masks import alibi_slopes, causal_mask
@@ -129,7 +130,7 @@ class Transfusion(nn.Module):
 
         batch: Int['b n'] text-only language modelling; Float['b ...'] modality-only training
             (each row one instance of `modality_type`, default 0); or a list of samples (see
-            batch.py). times (Float['i']) and noise (one tensor per instance, latent layout) fix
+            items.py). times (Float['i']) and noise (one tensor per instance, latent layout) fix
             the flow-matching draws, in order of appearance; by default they are sampled.
         """
         if torch.is_tensor(batch) and not batch.is_floating_point():
@@ -156,7 +157,7 @@ class Transfusion(nn.Module):
 
     def pack(self, batch, close: bool = True, defer_check: bool = False):
         """Validate a list of samples and lay it out as one packed sequence on the model's device.
-        defer_check: also return the batch's ValueCheck instead of raising at once (see batch.py);
+        defer_check: also return the batch's ValueCheck instead of raising at once (see items.py);
         the caller then keeps the encoders' state until it has raised (as `forward` does)."""
         keep_state = nullcontext() if defer_check else self.modalities.encoder_state_kept_on_error()
         with keep_state:
