@@ -206,6 +206,30 @@ def test_sampling_validates_its_arguments():
         model.sample(randint(0, 16, (20,)), max_length = 10, **QUIET)
 
 
+@pytest.mark.parametrize('call, error, message', [
+    (lambda m: m.sample_many(torch.tensor([1, 2]), **QUIET), TypeError, "prompts must be a list of prompts .* got Tensor|parameter 'prompts'"),
+    (lambda m: m.sample_many(None, **QUIET), TypeError, "prompts must be a list of prompts .* got NoneType|parameter 'prompts'"),
+    (lambda m: m.sample(cache_kv = 'no', **QUIET), TypeError, "cache_kv must be a bool, got str|parameter 'cache_kv'"),
+    (lambda m: m.sample_many([None], stop_after_modality = 'no', **QUIET), TypeError, "stop_after_modality must be a bool, got str|parameter 'stop_after_modality'"),
+    (lambda m: m.generate_text_only([[1, 2]], 5), TypeError, "prompt must be a tensor of token ids|parameter 'prompt'"),
+    (lambda m: m.generate_text_only(randint(0, 16, (1, 2)), -5), ValueError, r'seq_len \(the length with the prompt\) must be at least 1, got -5'),
+    (lambda m: m.generate_text_only(randint(0, 16, (1, 2)), 5, compile_step = 1), TypeError, "compile_step must be a bool, got int|parameter 'compile_step'"),
+])
+def test_sampling_refuses_arguments_of_the_wrong_kind(call, error, message):
+    """A tensor of prompts would read as one prompt per token, a flag 'no' as true, a negative
+    length as an empty request: each is refused, naming the argument."""
+    with pytest.raises(error, match = message):
+        call(tiny_model())
+
+
+def test_numpy_integers_name_forced_modalities_and_shapes():
+    np = pytest.importorskip('numpy')
+    model = tiny_model()
+    sample = model.sample(force_modality_at_start = (np.int64(1), (np.int64(3),)), modality_steps = 1, stop_after_modality = True, **QUIET)
+    assert sample[0][0] == 1 and sample[0][1].shape == (3, 4)
+    assert model.generate_modality_only(modality_type = 1, fixed_modality_shape = (np.int32(2),), modality_steps = 1).shape == (1, 2, 4)
+
+
 def test_end_to_end_toy_task():
     """Text token k is followed by a 1-token latent filled with k / 4: after training, prompting
     with k generates a latent close to k / 4 (the whole loop: forward, shapes, ODE, cache)."""

@@ -109,15 +109,17 @@ def test_text_after_an_instance_fills_max_length_exactly(monkeypatch, options, i
 ])
 def test_a_forced_modality_is_refused_exactly_when_it_cannot_fit(monkeypatch, force, smallest):
     """force_modality_at_start is accepted at the smallest max_length that holds the instance
-    (a free shape then decodes to all ones) and refused one token below it."""
+    (a free shape then decodes to all ones) and refused below it with the same message, also
+    where the forced begin and shape tokens alone would fill max_length."""
     model = tiny_model()
     script_choices(monkeypatch, lambda call, ids: min(ids))   # the lowest allowed id: digit 1 before ',' and ':'
     sample = model.sample(max_length = smallest, force_modality_at_start = force, **QUIET)
     modality = force[0] if isinstance(force, tuple) else force
     axes = force[1] if isinstance(force, tuple) else (1,) * model.config.modalities[modality].num_axes
     assert len(sample) == 1 and sample[0][0] == modality and tuple(sample[0][1].shape[:-1]) == axes
-    with pytest.raises(ValueError, match = f'max_length={smallest - 1} leaves no room for modality {modality}'):
-        model.sample(max_length = smallest - 1, force_modality_at_start = force, **QUIET)
+    for too_small in range(2, smallest):   # also where the begin and shape tokens alone fill max_length
+        with pytest.raises(ValueError, match = f'sample 0: max_length={too_small} leaves no room for modality {modality} after the prompt'):
+            model.sample(max_length = too_small, force_modality_at_start = force, **QUIET)
 
 
 def test_an_int_seed_gives_row_r_the_seed_plus_r():

@@ -29,7 +29,7 @@ from .autocast_weights import weights_cast_once
 from .items import TextItem, to_items
 from .decoding import CachedRunner, UncachedRunner
 from .modes import eval_mode
-from .sampling_options import SamplingOptions, check_options, fixed_shapes, forced_start, row_generators
+from .sampling_options import SamplingOptions, check_flag, check_options, fixed_shapes, forced_start, row_generators
 from .text_generation import choose_tokens
 from .tokens import ShapeDecoder, min_instance_length
 
@@ -266,6 +266,9 @@ def _echo(item, device) -> object:
 @torch.no_grad()
 def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = None, stop_after_modality: bool = False, **options) -> list[list]:
     """See Transfusion.sample_many."""
+    if not isinstance(prompts, (list, tuple)):   # a tensor would read as one prompt per token
+        raise TypeError(f'prompts must be a list of prompts (each None, a tensor, a pair or a list of items), got {type(prompts).__name__}')
+    check_flag(stop_after_modality, 'stop_after_modality')
     options = SamplingOptions(**options)
     check_options(options)
     options.fixed_modality_shape = fixed_shapes(model, options.fixed_modality_shape)
@@ -290,7 +293,7 @@ def prefill_row(sampler: Sampler, row: Row, items: list, forced: tuple[int, tupl
     # forced begin/shape tokens are known: encode them with the prompt in one forward
     opening, row.queue = row.queue, []
     opening = [TextItem(torch.tensor(opening, dtype = torch.long, device = sampler.model.device))] if opening else []
-    row.logits, row.length = sampler.runner.prefill(row.index, items + opening)
+    row.logits, row.length = sampler.runner.prefill(row.index, items + opening, None if forced is None else forced[0])
     max_length = sampler.options.max_length
     if forced is not None and sampler.remaining_need(row) > max_length - row.length:
         raise ValueError(f'sample {row.index}: max_length={max_length} leaves no room for modality {forced[0]} after the prompt')

@@ -27,6 +27,12 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_flag(value, name: str) -> None:
+    """A bool: a string such as 'no' would read as true."""
+    if not isinstance(value, bool):
+        raise TypeError(f'{name} must be a bool, got {type(value).__name__}')
+
+
 def check_text_sampling(temperature: float, min_p: float, temperature_name: str = 'temperature', min_p_name: str = 'min_p') -> None:
     """Temperature >= 0 (0 is greedy) and min-p in [0, 1]: a negative temperature would favour
     the least likely tokens (and the special tokens masked to -inf), a min-p above 1 keep none."""
@@ -55,9 +61,10 @@ class SamplingOptions:
 
 
 def as_shape(value, argument: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list, torch.Size)) or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in value):
+    """A shape of positive Python or NumPy ints, as a tuple of Python ints."""
+    if not isinstance(value, (tuple, list, torch.Size)) or not all(is_integer(a) and a > 0 for a in value):
         raise ValueError(f'{argument}: a shape must be a tuple of positive ints, got {value!r}')
-    return tuple(value)
+    return tuple(int(a) for a in value)
 
 
 def shape_problem(model, modality: int, shape: tuple[int, ...]) -> str | None:
@@ -104,8 +111,9 @@ def forced_start(model, value, argument: str = 'force_modality_at_start') -> tup
     if value is None:
         return None
     modality, shape = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
-    if not isinstance(modality, int) or isinstance(modality, bool):
+    if not is_integer(modality):
         raise TypeError(f'force_modality_at_start must be a modality index or (index, shape), got {value!r}')
+    modality = int(modality)
     if not 0 <= modality < model.config.num_modalities:
         raise ValueError(f'force_modality_at_start names modality {modality}, but the model has {model.config.num_modalities}')
     if shape is not None:
@@ -128,6 +136,8 @@ def check_options(options: SamplingOptions) -> None:
     if not math.isfinite(options.cfg_scale):
         raise ValueError(f'cfg_scale must be finite (1: no guidance), got {options.cfg_scale}')
     flow.check_method(options.ode_method)
+    for name in ('cache_kv', 'show_progress', 'cuda_graphs'):
+        check_flag(getattr(options, name), name)
     # NumPy numbers pass the checks above; from here on they are plain Python numbers
     options.max_length, options.modality_steps = int(options.max_length), int(options.modality_steps)
     options.text_temperature, options.text_min_p = float(options.text_temperature), float(options.text_min_p)

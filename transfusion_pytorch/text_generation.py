@@ -20,7 +20,7 @@ from .autocast_weights import weights_cast_once
 from .compiling import skip_guard_checks
 from .kv_cache import KVCache
 from .masks import AttentionMask
-from .sampling_options import check_text_sampling, is_integer
+from .sampling_options import check_flag, check_text_sampling, is_integer
 from .replay import Replayed, recorded_region
 
 
@@ -176,6 +176,12 @@ def generate_text_only(
     check_text_sampling(temperature, min_p)
     if not is_integer(seq_len):
         raise TypeError(f'seq_len must be an int, got {type(seq_len).__name__}')
+    if seq_len < 1:
+        raise ValueError(f'seq_len (the length with the prompt) must be at least 1, got {seq_len}')
+    check_flag(cache_kv, 'cache_kv')
+    check_flag(compile_step, 'compile_step')
+    if not torch.is_tensor(prompt):
+        raise TypeError(f'prompt must be a tensor of token ids (b, p), got {type(prompt).__name__}')
     seq_len, temperature, min_p = int(seq_len), float(temperature), float(min_p)   # NumPy numbers pass the checks
     if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.is_floating_point() or prompt.dtype == torch.bool:
         raise ValueError(f'prompt must be integer token ids of shape (b, p) with p >= 1, got {tuple(prompt.shape)} {prompt.dtype}')

@@ -299,7 +299,7 @@ class Transfusion(nn.Module):
         return self.sample_many([prompt], **kwargs)[0]
 
     @typechecked
-    def generate_modality_only(self, batch_size: Integral = 1, modality_type: Integral = 0, fixed_modality_shape: Sequence[int] | None = None,
+    def generate_modality_only(self, batch_size: Integral = 1, modality_type: Integral = 0, fixed_modality_shape: Sequence[Integral] | None = None,
                                modality_steps: Integral = 16, ode_method: str = 'midpoint', cfg_scale: Real = 1., seed = None,
                                show_progress: bool = False, cuda_graphs: bool = True) -> Float[Tensor, 'b ...']:
         """Float['b ...'] instances of one modality generated unconditionally (after BOS), in the
