@@ -155,12 +155,14 @@ def test_time_embedding_features_are_sin_then_cos_of_1000_t_times_geometric_freq
 
 
 def test_frequency_tables_stay_fp32_when_the_model_is_cast_or_rebuilt_on_a_device():
-    """model.to(bf16) would round the rotary and time frequencies, so that a bf16 model and its
-    fp32 reload would compute different angles; the tables are rebuilt in fp32 instead."""
+    """model.to(bf16) would round the rotary and time frequencies and the ALiBi slopes (3 ALiBi
+    heads: slopes 2^(-8/3), ... are not powers of two), so that a bf16 model and its fp32 reload
+    would compute different angles and biases; the tables are rebuilt in fp32 instead."""
     from transfusion_pytorch import Transfusion
-    model = Transfusion(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 32, depth = 1, dim_head = 16))
-    tables = {name: value.clone() for name, value in model.named_buffers() if 'freq' in name}
-    assert sorted(tables) == ['modalities.time_embedding.frequencies', 'transformer.rotary.inv_freq']
+    model = Transfusion(num_text_tokens = 16, dim_latent = 8, alibi_heads = 3, transformer = dict(dim = 32, depth = 1, heads = 4, dim_head = 16))
+    tables = {name: value.clone() for name, value in model.named_buffers() if 'freq' in name or 'slopes' in name}
+    assert sorted(tables) == ['alibi.slopes', 'modalities.time_embedding.frequencies', 'transformer.rotary.inv_freq']
+    assert not torch.equal(tables['alibi.slopes'], tables['alibi.slopes'].bfloat16().float())   # a cast would round them
     model.to(torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16
     for name, value in model.named_buffers():

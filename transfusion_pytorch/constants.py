@@ -1,4 +1,4 @@
-"""Constant fp32 tables (rotary and time-embedding frequencies) that survive `model.to(dtype)`.
+"""Constant fp32 tables (rotary and time-embedding frequencies, ALiBi slopes) that survive `model.to(dtype)`.
 
 Such a table is a non-persistent buffer, so it follows the model to its device; but
 `model.to(torch.bfloat16)` would also round it, and a checkpoint reloaded in fp32

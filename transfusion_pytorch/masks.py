@@ -24,6 +24,8 @@ from torch import Tensor
 from einops import rearrange
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from .constants import ConstantTables
+
 
 FLEX_BLOCK = 128  # flex attention's default tile: packed sequences are padded to a multiple of it
 
@@ -300,10 +302,23 @@ def segmented_mask(rule: AttentionRule, segments: Segments) -> AttentionMask:
 def alibi_slopes(heads: int, alibi_heads: int, device: torch.device | None = None) -> Tensor:
     """Float['h'] slopes: the first alibi_heads heads get ALiBi's geometric slopes
     2^(-8 i / alibi_heads), i = 1..alibi_heads (Press et al. 2022); the others 0."""
-    slopes = torch.zeros(heads, device = device)
+    slopes = torch.zeros(heads, dtype = torch.float32, device = device)
     if alibi_heads:
         slopes[:alibi_heads] = 2. ** (-8. * torch.arange(1, alibi_heads + 1, device = device) / alibi_heads)
     return slopes
+
+
+class AlibiSlopes(ConstantTables):
+    """`slopes`, alibi_slopes(heads, alibi_heads) as an fp32 table: a cast of the model would
+    round slopes that are not powers of two, and `to_empty` would leave them uninitialised."""
+
+    def __init__(self, heads: int, alibi_heads: int):
+        super().__init__()
+        self.heads, self.alibi_heads = heads, alibi_heads
+        self.register_tables()
+
+    def tables(self, device) -> dict[str, Tensor]:
+        return dict(slopes = alibi_slopes(self.heads, self.alibi_heads, device))
 
 
 def instance_alibi(coords: Tensor, slopes: Tensor) -> Tensor:

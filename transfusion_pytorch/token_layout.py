@@ -93,7 +93,7 @@ def packed_transformer_inputs(model, packed: PackedBatch, isolated: Tensor | Non
         isolated = F.pad(isolated, (0, pad)) if isolated is not None else None
         coords = F.pad(coords, (0, 0, 0, pad)) if coords is not None else None
     rule = AttentionRule(document, instance, isolated, bidirectional_instances = not config.causal_modality_attention,
-                         coords = coords, alibi_slopes = model.alibi_slopes if config.alibi_heads else None)
+                         coords = coords, alibi_slopes = model.alibi.slopes if config.alibi_heads else None)
     mask = mask_for_rule(rule, backend, kv_length, sample_slices = packed.sample_slices)
     return positions, mask, packed_routing(config, packed, packed.length + pad), instance, pad
 
@@ -131,4 +131,4 @@ def step_alibi(model, shape: tuple[int, ...]) -> Tensor | None:
     if not model.config.alibi_heads:
         return None
     coords = grid_coordinates(shape, max(len(shape), 1), model.device)
-    return instance_alibi(coords, model.alibi_slopes)
+    return instance_alibi(coords, model.alibi.slopes)

@@ -30,7 +30,7 @@ from .batch import PackedBatch, pack
 from .items import to_items
 from .config import TransfusionConfig, build_config
 from .debug import Batch, Times, typechecked
-from .masks import alibi_slopes, causal_mask
+from .masks import AlibiSlopes, causal_mask
 from .token_layout import packed_transformer_inputs
 from .modality import Modalities
 from .modes import eval_mode
@@ -104,7 +104,7 @@ class Transfusion(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std = 0.02)
         self.transformer = Transformer(config.transformer)
         self.to_logits = nn.Linear(dim, self.vocab.size, bias = False)
-        self.register_buffer('alibi_slopes', alibi_slopes(config.transformer.heads, config.alibi_heads), persistent = False)
+        self.alibi = AlibiSlopes(config.transformer.heads, config.alibi_heads)
         count = config.num_modalities
         self.modalities = Modalities(config, _per_modality(encoders, count), _per_modality(decoders, count), train_encoders)
 
