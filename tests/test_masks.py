@@ -255,3 +255,19 @@ def test_flex_padding_is_a_causal_document_of_its_own():
     reference = create_block_mask(mask.block.mask_mod, None, None, n + pad, n + pad, device = 'cpu')
     assert torch.equal(mask.block.kv_num_blocks, reference.kv_num_blocks)
     assert torch.equal(mask.block.full_kv_num_blocks, reference.full_kv_num_blocks)
+
+
+def test_torch_func_grad_of_a_packed_batch_equals_autograd():
+    """Several samples attend one row per sample (Segments), whose gather and scatter are an
+    autograd.Function: torch.func.grad through it gives autograd's gradients."""
+    from torch.func import functional_call, grad
+    from conftest import tiny_model
+    torch.manual_seed(0)
+    model = tiny_model()
+    batch = [[torch.randint(0, 16, (5,)), torch.randn(2, 3, 8)], [torch.randint(0, 16, (3,))], [(1, torch.randn(4, 4)), torch.randint(0, 16, (2,))]]
+    draws = dict(times = torch.rand(2), noise = [torch.randn(2, 3, 8), torch.randn(4, 4)])
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    grads = grad(lambda p: functional_call(model, p, (batch,), draws))(params)
+    model(batch, **draws).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol = 1e-6, rtol = 1e-5, msg = name)

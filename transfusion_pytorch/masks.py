@@ -103,13 +103,19 @@ class _SelectMovingBack(torch.autograd.Function):
     """x.index_select(1, index) for Float['h m e'] -> Float['h s e'], whose gradient moves back
     by a gather too: `back` Int['m'] gives the output position each input row's gradient comes
     from, or s (past the end, only with `zero_past_end`) for a zero gradient. Exact when every
-    input row is read at most once apart from reads whose gradient is zero (Segments' padding)."""
+    input row is read at most once apart from reads whose gradient is zero (Segments' padding).
+    Its context is set apart from the forward, so torch.func transforms (grad, vmap) take it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, back: Tensor, zero_past_end: bool) -> Tensor:
-        ctx.save_for_backward(back)
-        ctx.zero_past_end = zero_past_end
+    def forward(x: Tensor, index: Tensor, back: Tensor, zero_past_end: bool) -> Tensor:
         return x.index_select(1, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        _, _, back, ctx.zero_past_end = inputs
+        ctx.save_for_backward(back)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
