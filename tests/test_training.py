@@ -368,3 +368,17 @@ def test_noise_must_hold_exactly_one_tensor_per_instance():
     for noise in ([], [randn(2, 3, 8), randn(2, 3, 8)]):
         with pytest.raises(ValueError, match = r'noise must hold one tensor per modality instance \(1\), got'):
             model(batch, times = times, noise = noise)
+
+
+def test_a_double_model_computes_its_loss_in_double():
+    """model.double() gives an fp64 reference: rotary, the losses and the consistency endpoints
+    no longer round through fp32, so a finite-difference gradient check holds at fp64 tolerances."""
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    model = tiny_model().double()
+    batch = [[torch.randint(0, 16, (5,)), torch.randn(2, 3, 8, dtype = torch.float64)], [(1, torch.randn(4, 4, dtype = torch.float64))]]
+    draws = dict(times = torch.rand(2), noise = [torch.randn(2, 3, 8, dtype = torch.float64), torch.randn(4, 4, dtype = torch.float64)])
+    name = 'transformer.blocks.0.attn_norm.gain'
+    loss_of = lambda gain: functional_call(model, {name: gain}, (batch,), draws)
+    assert loss_of(model.get_parameter(name)).dtype == torch.float64
+    assert torch.autograd.gradcheck(loss_of, (model.get_parameter(name).detach().clone().requires_grad_(),))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .modes import eval_mode
+from .objective import at_least_fp32
 
 
 def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch, *, delta: float = 1e-3, alpha: float = 1e-5,
@@ -101,9 +102,9 @@ def _gaussian(model, modality: int, shape: tuple[int, ...]) -> Tensor:
 
 
 def _endpoints_and_velocities(prediction) -> list[tuple[Tensor, Tensor]]:
-    """Per instance (f, v) in fp32, f = x_t + (1 - t) v, from a `Prediction`."""
+    """Per instance (f, v) in at least fp32, f = x_t + (1 - t) v, from a `Prediction`."""
     out = []
     for x, v, t in zip(prediction.noised, prediction.velocities, prediction.times):
-        v = v.float()
-        out.append((x.float() + (1 - t) * v, v))
+        v = at_least_fp32(v)
+        out.append((at_least_fp32(x) + (1 - t) * v, v))
     return out

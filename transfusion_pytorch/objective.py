@@ -33,6 +33,11 @@ class LossBreakdown:
     flow_per_modality: dict[int, Tensor]
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """x in fp32 if its dtype is narrower (bf16 autocast); an fp64 model's losses stay fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def text_only_loss(model, ids: Tensor) -> LossBreakdown:
     """Causal LM loss of text-only rows Int['b n'] (one host sync for validation, after the
     forward is queued when the ids live on an accelerator)."""
@@ -47,7 +52,7 @@ def text_only_loss(model, ids: Tensor) -> LossBreakdown:
         _raise_for_text_ids(model, ids, invalid)
     ids = (ids if ids.device == model.device else host_to_device(ids, model.device)).long()
     logits = model.text_logits(ids.clamp(0, limit - 1))[:, :-1]   # clamped: no device assert before the check
-    text = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    text = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), ids[:, 1:].flatten())
     _raise_for_text_ids(model, ids, invalid)                       # device batches: after queueing, waits for the flag only
     total = model.config.text_loss_weight * text + unused_parameter_anchor(model, set())
     return LossBreakdown(total = total, text = text, flow = text.new_zeros(()), flow_per_modality = {})
@@ -146,10 +151,10 @@ def packed_loss(model, packed: PackedBatch, times, noise) -> LossBreakdown:
     inputs = [flow.noised(g.data, n, times[g.data_instance]) for g, n in zip(packed.groups, group_noise)]
     hidden = model.packed_hidden(packed, inputs, times, isolated)
     logits = model.to_logits(hidden[packed.loss_index])
-    text = F.cross_entropy(logits.float(), packed.loss_targets)
+    text = F.cross_entropy(at_least_fp32(logits), packed.loss_targets)
     flow_parts = {
-        g.modality: F.mse_loss(model.modalities.velocity_group(g.modality, hidden[g.index], x_t.to(hidden.dtype), g.shapes).float(),
-                               flow.velocity_target(g.data.float(), n.float()))
+        g.modality: F.mse_loss(at_least_fp32(model.modalities.velocity_group(g.modality, hidden[g.index], x_t.to(hidden.dtype), g.shapes)),
+                               flow.velocity_target(at_least_fp32(g.data), at_least_fp32(n)))
         for g, n, x_t in zip(packed.groups, group_noise, inputs)
     }
     flow_loss = text.new_zeros(())
