@@ -285,6 +285,17 @@ def test_trainable_encoder_with_batch_statistics_is_refused(norm):
         encoder_model(nn.Sequential(nn.Conv2d(3, 8, 1), norm))
 
 
+def test_a_decoder_sharing_a_weight_with_a_trainable_encoder_is_refused():
+    """Decoders are frozen: a tied decoder would silently freeze the encoder it shares with."""
+    encoder = nn.Conv2d(3, 8, 1)
+    with pytest.raises(ValueError, match = r"modality 0 decoder: weight is also modality 0 encoder's weight; decoders are frozen"):
+        Transfusion(num_text_tokens = 8, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                    modality_encoder = encoder, modality_decoder = encoder, train_modality_encoders = True, transformer = dict(dim = 32, depth = 1))
+    frozen = Transfusion(num_text_tokens = 8, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),   # frozen encoders may share
+                         modality_encoder = encoder, modality_decoder = encoder, transformer = dict(dim = 32, depth = 1))
+    assert not any(p.requires_grad for p in frozen.modalities.encoders.parameters())
+
+
 def test_sampling_runs_a_trainable_encoder_in_eval_mode():
     model = encoder_model(RunningMean())
     model.train()

@@ -116,6 +116,19 @@ class ModalityProjections(nn.Module):
             self.proj_out = nn.Linear(dim, spec.dim_latent)
 
 
+def refuse_decoders_sharing_encoder_weights(encoders: nn.ModuleList, decoders: nn.ModuleList) -> None:
+    """Decoders are frozen; a weight a decoder shares with a trainable encoder (a tied
+    autoencoder, or one module given as both) would be frozen with it, silently."""
+    encoder_weights = {id(p): (m, name) for m, encoder in enumerate(encoders) for name, p in encoder.named_parameters()}
+    for m, decoder in enumerate(decoders):
+        for name, p in decoder.named_parameters():
+            if id(p) in encoder_weights:
+                e, encoder_name = encoder_weights[id(p)]
+                raise ValueError(f'modality {m} decoder: {name} is also modality {e} encoder\'s {encoder_name}; decoders are frozen, '
+                                 'so with train_modality_encoders=True it would freeze that encoder weight too: give the decoder '
+                                 'weights of its own, or keep the encoders frozen')
+
+
 class Modalities(nn.Module):
     """All modality-specific modules of a Transfusion model."""
 
@@ -133,6 +146,7 @@ class Modalities(nn.Module):
         self.train_encoders = train_encoders
         if train_encoders:
             refuse_batch_statistics(self.encoders)
+            refuse_decoders_sharing_encoder_weights(self.encoders, self.decoders)
         # decoders only run in sampling, under no_grad: no loss here reaches them, so they are
         # frozen even when the encoders train (an optimizer's weight decay would shrink them)
         for module in (*(() if train_encoders else self.encoders), *self.decoders):
