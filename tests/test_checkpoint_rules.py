@@ -311,6 +311,17 @@ def test_untrained_coders_stay_the_callers_in_model_and_ema(tmp_path: Path):
     assert same_state(resumed, expected) and same_state(resumed_ema, expected_ema)
 
 
+def test_save_pretrained_keeps_trained_encoders_by_default(tmp_path: Path):
+    """A trained encoder is part of the model: left out, from_pretrained would give back the
+    caller's fresh encoder and a different model. Frozen coders stay out by default."""
+    model = coder_model(0, train_encoders = True)
+    model.save_pretrained(tmp_path / 'trained')
+    resumed = Transfusion.from_pretrained(tmp_path / 'trained', modality_encoder = nn.Conv2d(3, 8, 1), modality_decoder = nn.Conv2d(8, 3, 1))
+    assert same_state(resumed, state_of(model))
+    coder_model(0).save_pretrained(tmp_path / 'frozen')
+    assert not any(is_coder_key(k) for k in torch.load(payload_path(tmp_path / 'frozen'), weights_only = True))
+
+
 def test_include_coders_false_leaves_trained_coders_out(tmp_path: Path):
     model = coder_model(0, train_encoders = True)
     save_training_state(tmp_path, model, torch.optim.AdamW(model.parameters()), step = 0, include_coders = False)

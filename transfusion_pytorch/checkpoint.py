@@ -14,8 +14,8 @@ checkpoint or the new one, whole), hashed, and loaded with torch.load(weights_on
 loading runs no code. Everything a load needs is checked before anything is changed.
 
 Encoders/decoders (user modules the config does not describe) are passed again at load time;
-their weights are saved only with include_coders=True (in a training state, by default when they
-are trained) and are then loaded into the modules passed. DDP, AveragedModel and torch.compile
+their weights are saved with include_coders=True, by default when the encoders are trained
+(train_modality_encoders), and are then loaded into the modules passed. DDP, AveragedModel and torch.compile
 wrappers are unwrapped. Under torch.distributed with several ranks, saving and loading a training
 state are collective (distributed_state.py): every rank's RNG state is kept and restored, and an
 FSDP2-sharded model and optimizer are gathered for saving and scattered on loading.
@@ -118,12 +118,13 @@ def _require_same_config(saved: TransfusionConfig, current: TransfusionConfig, w
 
 # pretrained models
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, include_coders: bool = False) -> None:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, include_coders: bool | None = None) -> None:
     """Save a Transfusion model's config and weights to `directory` (atomically, see module doc).
     include_coders: also save the encoders'/decoders' weights (their modules are still passed
-    again at load time)."""
+    again at load time); by default when the encoders are trained, whose weights would be lost."""
     model = _unwrap(model)
     modalities = model.modalities
+    include_coders = modalities.train_encoders if include_coders is None else bool(include_coders)
     manifest = {
         'config': model.config.to_dict(), 'modality_encoders': list(modalities.has_encoder),
         'modality_decoders': list(modalities.has_decoder), 'train_modality_encoders': modalities.train_encoders,

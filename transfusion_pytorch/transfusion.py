@@ -346,10 +346,10 @@ class Transfusion(nn.Module):
     # ---------------------------------------------------------------------------------------
     # checkpoints (checkpoint.py): thin entry points; the format and its guarantees live there
 
-    def save_pretrained(self, directory, include_coders: bool = False) -> None:
+    def save_pretrained(self, directory, include_coders: bool | None = None) -> None:
         """Save config and weights to `directory`, atomically (a crash leaves the previous
-        checkpoint). Encoder/decoder weights only with include_coders=True; either way pass the
-        encoder/decoder modules again to `from_pretrained`."""
+        checkpoint). Encoder/decoder weights with include_coders=True, by default when the
+        encoders are trained; either way pass the encoder/decoder modules again to `from_pretrained`."""
         from .checkpoint import save_pretrained
         save_pretrained(self, directory, include_coders = include_coders)
 
