@@ -267,7 +267,7 @@ def test_text_generation_in_train_mode_runs_without_dropout():
 def test_only_the_configured_heads_get_alibi_slopes(alibi_heads: int, expected: list):
     """alibi_heads of the 2 heads get the geometric slopes 2^(-8 i / alibi_heads); the rest none."""
     model = tiny_model(alibi_heads = alibi_heads)
-    torch.testing.assert_close(model.alibi_slopes, torch.tensor(expected), rtol = 0, atol = 0)
+    torch.testing.assert_close(model.alibi.slopes, torch.tensor(expected), rtol = 0, atol = 0)
 
 
 # a model in another dtype
