@@ -283,3 +283,29 @@ def test_predict_of_a_unet_model_in_another_dtype_matches_its_loss(dtype: torch.
     _, parts = model(batch, times = times, noise = noise, return_breakdown = True)
     mse = torch.nn.functional.mse_loss(prediction.velocities[0].float(), prediction.targets[0].float())
     torch.testing.assert_close(parts.flow_per_modality[0].float(), mse)
+
+
+def test_a_model_built_on_the_meta_device_initialises_like_a_fresh_one():
+    """with torch.device('meta'), to_empty, reset_parameters: zero norm gains and adaLN, identity
+    skip merges, and random weights from the same distributions as at construction; the user's
+    encoder keeps its weights."""
+    options = dict(num_text_tokens = 16, dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                   time_conditioning = 'adaptive', transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, qk_norm = True, unet_skips = True))
+    def build(seed: int) -> Transfusion:
+        torch.manual_seed(seed)
+        return Transfusion(**options)
+    fresh, other_seed = build(0), build(1)
+    encoder = torch.nn.Conv2d(3, 8, 1)
+    with torch.device('meta'):
+        model = Transfusion(**options, modality_encoder = encoder)
+    model.to_empty(device = 'cpu')
+    kept = model.modalities.encoders[0].weight.detach().clone()
+    model.reset_parameters()
+    assert torch.equal(model.modalities.encoders[0].weight, kept)
+    others = dict(other_seed.named_parameters())
+    for name, parameter in fresh.named_parameters():
+        reset = model.get_parameter(name)
+        if torch.equal(parameter, others[name]):     # a deterministic init
+            assert torch.equal(reset, parameter), name
+        else:
+            assert 0.8 < reset.std() / parameter.std() < 1.25 and reset.abs().max() <= 1.5 * parameter.abs().max(), name

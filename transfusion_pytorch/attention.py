@@ -65,6 +65,9 @@ class HeadRMSNorm(nn.Module):
         super().__init__()
         self.gain = nn.Parameter(torch.zeros(heads, 1, dim_head))
 
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.gain)
+
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, x.shape[-1:]) * (1 + self.gain)
 

@@ -73,6 +73,9 @@ class AdaptiveConditioning(nn.Module):
         super().__init__()
         self.depth = depth
         self.proj = nn.Linear(dim, depth * 6 * dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 

@@ -36,6 +36,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.gain = nn.Parameter(torch.zeros(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.gain)
+
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, x.shape[-1:], weight = 1 + self.gain)
 
@@ -127,6 +130,10 @@ class SkipMerge(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.proj = nn.Linear(2 * dim, dim, bias = False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        dim = self.proj.out_features
         with torch.no_grad():
             self.proj.weight.zero_()
             self.proj.weight[:, :dim].copy_(torch.eye(dim))

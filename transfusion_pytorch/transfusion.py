@@ -116,6 +116,16 @@ class Transfusion(nn.Module):
         state.pop('_compiled_evaluation', None)
         return state
 
+    def reset_parameters(self) -> None:
+        """Initialise every weight of the library's modules as construction does (the same
+        distributions, not the same draws), for a model built on the meta device and moved with
+        `to_empty`. The user's encoders and decoders keep their weights."""
+        coders = {id(m) for m in (*self.modalities.encoders.modules(), *self.modalities.decoders.modules())}
+        for module in reversed(list(self.modules())):   # descendants first: a parent's own init wins
+            if module is not self and id(module) not in coders and hasattr(module, 'reset_parameters'):
+                module.reset_parameters()
+        nn.init.normal_(self.token_embedding.weight, std = 0.02)
+
     @property
     def device(self) -> torch.device:
         return self.token_embedding.weight.device
