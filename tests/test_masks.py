@@ -161,11 +161,13 @@ def test_sample_by_sample_attention_equals_whole_sequence_attention(seed):
 
 
 @torch.no_grad()   # flex attention has no CPU backward
-def test_flex_attention_serves_many_sequence_lengths_compiled():
+@pytest.mark.parametrize('alibi_heads', [0, 1])
+def test_flex_attention_serves_many_sequence_lengths_compiled(alibi_heads):
     """Packed batches of 11 lengths (up to 11 flex tiles) match SDPA, and none falls back to
-    the unfused flex path that static shapes reached after the recompile limit."""
+    the unfused flex path that static shapes reached after the recompile limit (with ALiBi on
+    CPU, where each length compiles statically, after 8 lengths)."""
     from transfusion_pytorch import Transfusion
-    options = dict(num_text_tokens = 16, dim_latent = 8, modality_default_shape = (2,))
+    options = dict(num_text_tokens = 16, dim_latent = 8, modality_default_shape = (2,), alibi_heads = alibi_heads)
     torch.manual_seed(0)
     dense = Transfusion(**options, transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16))
     flex = Transfusion(**options, transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16, attention_backend = 'flex'))

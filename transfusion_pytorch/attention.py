@@ -33,7 +33,8 @@ def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> 
     any length, where static shapes recompiled per length until the recompile limit, after
     which every call ran unfused (all n x n scores). Except on CPU with a score_mod (ALiBi):
     there Inductor's C++ flex kernel with dynamic shapes failed to compile (torch 2.13,
-    "'cur_qSplitSize5' was not declared"), so each length compiles its own."""
+    "'cur_qSplitSize5' was not declared"), so each length compiles its own (token_layout.flex_padding
+    rounds those lengths up to a power-of-two number of tiles, to stay under the recompile limit)."""
     static = q.device.type == 'cpu' and mask.score_mod is not None
     if q.device.type == 'cpu':
         # compiled on CPU (torch 2.13), flex attention computed wrong outputs when it got a value

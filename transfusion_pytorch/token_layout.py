@@ -78,6 +78,17 @@ def packed_routing(config: TransfusionConfig, packed: PackedBatch, padded_length
     return Routing([(TEXT_EXPERT, text_like)] + [(1 + g.modality, g.index) for g in packed.groups])
 
 
+def flex_padding(length: int, device: torch.device, config: TransfusionConfig) -> int:
+    """Pad tokens that fill the last flex tile. On CPU with ALiBi, flex attention compiles each
+    length of its own (attention.py): there the tiles are rounded up to a power of two, so that
+    up to 2^k tiles compile k + 1 kernels, where every length past dynamo's recompile limit (8)
+    ran the unfused kernel that materialises all n x n scores."""
+    tiles = -(-length // FLEX_BLOCK)
+    if device.type == 'cpu' and config.alibi_heads:
+        tiles = 1 << (tiles - 1).bit_length()
+    return tiles * FLEX_BLOCK - length
+
+
 def packed_transformer_inputs(model, packed: PackedBatch, isolated: Tensor | None, kv_length: int | None):
     """(positions, mask, routing, instance, pad) for a packed sequence, padded to whole flex tiles
     on the flex backend (pad tokens form their own causal document -1, so no row is fully masked)."""
@@ -86,7 +97,7 @@ def packed_transformer_inputs(model, packed: PackedBatch, isolated: Tensor | Non
     coords = packed_coordinates(config, packed) if needs_coords else None
     positions, document, instance = packed_positions(config, packed, coords), packed.document, packed.instance
     backend = resolve_backend(config.transformer.attention_backend, document.device)
-    pad = -packed.length % FLEX_BLOCK if kv_length is None and backend == 'flex' else 0
+    pad = flex_padding(packed.length, document.device, config) if kv_length is None and backend == 'flex' else 0
     if pad:
         positions = F.pad(positions, (0, 0, 0, pad) if positions.ndim == 2 else (0, pad))
         document, instance = F.pad(document, (0, pad), value = -1), F.pad(instance, (0, pad), value = -1)
