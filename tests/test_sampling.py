@@ -222,9 +222,11 @@ def test_sampling_refuses_arguments_of_the_wrong_kind(call, error, message):
         call(tiny_model())
 
 
-def test_numpy_integers_name_forced_modalities_and_shapes():
+def test_numpy_integers_name_forced_modalities_and_shapes_and_numpy_bools_are_flags():
     np = pytest.importorskip('numpy')
     model = tiny_model()
+    assert model.sample_many([None], max_length = 8, cache_kv = np.False_, stop_after_modality = np.True_, **QUIET)
+    assert model.generate_text_only(randint(0, 16, (1, 2)), 4, cache_kv = np.True_).shape == (1, 2)
     sample = model.sample(force_modality_at_start = (np.int64(1), (np.int64(3),)), modality_steps = 1, stop_after_modality = True, **QUIET)
     assert sample[0][0] == 1 and sample[0][1].shape == (3, 4)
     assert model.generate_modality_only(modality_type = 1, fixed_modality_shape = (np.int32(2),), modality_steps = 1).shape == (1, 2, 4)

@@ -120,6 +120,8 @@ def test_a_forced_modality_is_refused_exactly_when_it_cannot_fit(monkeypatch, fo
     for too_small in range(2, smallest):   # also where the begin and shape tokens alone fill max_length
         with pytest.raises(ValueError, match = f'sample 0: max_length={too_small} leaves no room for modality {modality} after the prompt'):
             model.sample(max_length = too_small, force_modality_at_start = force, **QUIET)
+    with pytest.raises(ValueError, match = 'sample 0: the prompt takes 31 tokens, which leaves no room under max_length=12'):
+        model.sample(torch.randint(0, 16, (30,)), max_length = 12, force_modality_at_start = force, **QUIET)   # the prompt is to blame
 
 
 def test_an_int_seed_gives_row_r_the_seed_plus_r():

@@ -45,6 +45,13 @@ Batch = Union[Tensor, Sequence]
 # for one instance), or a sequence of numbers; objective.checked_times checks the same rule.
 Times = Union[jaxtyping.Real[Tensor, 'i'], jaxtyping.Real[Tensor, ''], Sequence, None]
 
+# A sampling flag: a bool, or a NumPy bool, which sampling_options.check_flag also takes.
+try:
+    from numpy import bool_ as _numpy_bool
+    Flag = Union[bool, _numpy_bool]
+except ImportError:
+    Flag = bool
+
 Function = TypeVar('Function', bound = Callable)
 
 

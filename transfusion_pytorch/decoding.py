@@ -55,12 +55,14 @@ COMPILED_STEP_DEVICES = {'cpu'}
 VISIBLE_SLOTS_MULTIPLE = 64
 
 
-def check_prompt_fits(row: int, length: int, max_length: int, forced_modality: int | None = None) -> None:
-    """forced_modality: the length ends with the begin (and shape) tokens of this modality."""
-    if length >= max_length and forced_modality is not None:
-        raise ValueError(f'sample {row}: max_length={max_length} leaves no room for modality {forced_modality} after the prompt')
+def check_prompt_fits(row: int, length: int, max_length: int, forced: tuple[int, int] | None = None) -> None:
+    """forced: (modality, count) when the length ends with the count begin (and shape) tokens
+    of a forced modality; the prompt is blamed only if it does not fit on its own."""
+    prompt_length = length - (forced[1] if forced else 0)
+    if prompt_length >= max_length:
+        raise ValueError(f'sample {row}: the prompt takes {prompt_length} tokens, which leaves no room under max_length={max_length}')
     if length >= max_length:
-        raise ValueError(f'sample {row}: the prompt takes {length} tokens, which leaves no room under max_length={max_length}')
+        raise ValueError(f'sample {row}: max_length={max_length} leaves no room for modality {forced[0]} after the prompt')
 
 
 @dataclass
@@ -166,10 +168,10 @@ class CachedRunner:
         if context.subset is not None:
             self.cache.copy_slots_(context.cache, context.subset, context.slots)
 
-    def prefill(self, row: int, items: list, forced_modality: int | None = None) -> tuple[Tensor, int]:
+    def prefill(self, row: int, items: list, forced: tuple[int, int] | None = None) -> tuple[Tensor, int]:
         model = self.model
         packed = pack([items], model.config, model.vocab, model.device, close = False)
-        check_prompt_fits(row, packed.length, self.cache.slots, forced_modality)
+        check_prompt_fits(row, packed.length, self.cache.slots, forced)
         times = torch.ones(packed.num_instances, device = model.device)
         cache_row = torch.tensor([self.cache_row[row]], device = model.device)
         cache = self.cache.rows(cache_row)
@@ -347,10 +349,10 @@ class UncachedRunner:
         packed, hidden, _ = self._run([self.sequences[r] for r in rows])
         return self.model.to_logits(hidden[[b - 1 for _, b in packed.sample_slices]])
 
-    def prefill(self, row: int, items: list, forced_modality: int | None = None) -> tuple[Tensor, int]:
+    def prefill(self, row: int, items: list, forced: tuple[int, int] | None = None) -> tuple[Tensor, int]:
         self.sequences[row] = list(items)
         packed, hidden, _ = self._run([self.sequences[row]])
-        check_prompt_fits(row, packed.length, self.slots, forced_modality)
+        check_prompt_fits(row, packed.length, self.slots, forced)
         return self.model.to_logits(hidden[-1]), packed.length
 
     def feed(self, rows: list[int], tokens: list[int]) -> Tensor:

@@ -268,7 +268,7 @@ def sample_many(model, prompts: list, *, force_modality_at_start = None, seed = 
     """See Transfusion.sample_many."""
     if not isinstance(prompts, (list, tuple)):   # a tensor would read as one prompt per token
         raise TypeError(f'prompts must be a list of prompts (each None, a tensor, a pair or a list of items), got {type(prompts).__name__}')
-    check_flag(stop_after_modality, 'stop_after_modality')
+    stop_after_modality = check_flag(stop_after_modality, 'stop_after_modality')
     options = SamplingOptions(**options)
     check_options(options)
     options.fixed_modality_shape = fixed_shapes(model, options.fixed_modality_shape)
@@ -292,8 +292,9 @@ def prefill_row(sampler: Sampler, row: Row, items: list, forced: tuple[int, tupl
         sampler.start_modality(row, *forced)
     # forced begin/shape tokens are known: encode them with the prompt in one forward
     opening, row.queue = row.queue, []
+    forced_tokens = None if forced is None else (forced[0], len(opening))
     opening = [TextItem(torch.tensor(opening, dtype = torch.long, device = sampler.model.device))] if opening else []
-    row.logits, row.length = sampler.runner.prefill(row.index, items + opening, None if forced is None else forced[0])
+    row.logits, row.length = sampler.runner.prefill(row.index, items + opening, forced_tokens)
     max_length = sampler.options.max_length
     if forced is not None and sampler.remaining_need(row) > max_length - row.length:
         raise ValueError(f'sample {row.index}: max_length={max_length} leaves no room for modality {forced[0]} after the prompt')

@@ -27,10 +27,12 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_flag(value, name: str) -> None:
-    """A bool: a string such as 'no' would read as true."""
-    if not isinstance(value, bool):
-        raise TypeError(f'{name} must be a bool, got {type(value).__name__}')
+def check_flag(value, name: str) -> bool:
+    """A bool or a NumPy bool, as a bool: a string such as 'no' would read as true."""
+    kind = type(value)
+    if not isinstance(value, bool) and not (kind.__module__ == 'numpy' and kind.__name__ in ('bool', 'bool_')):
+        raise TypeError(f'{name} must be a bool, got {kind.__name__ if kind.__module__ == "builtins" else kind.__module__ + "." + kind.__name__}')
+    return bool(value)
 
 
 def check_text_sampling(temperature: float, min_p: float, temperature_name: str = 'temperature', min_p_name: str = 'min_p') -> None:
@@ -137,7 +139,7 @@ def check_options(options: SamplingOptions) -> None:
         raise ValueError(f'cfg_scale must be finite (1: no guidance), got {options.cfg_scale}')
     flow.check_method(options.ode_method)
     for name in ('cache_kv', 'show_progress', 'cuda_graphs'):
-        check_flag(getattr(options, name), name)
+        setattr(options, name, check_flag(getattr(options, name), name))
     # NumPy numbers pass the checks above; from here on they are plain Python numbers
     options.max_length, options.modality_steps = int(options.max_length), int(options.modality_steps)
     options.text_temperature, options.text_min_p = float(options.text_temperature), float(options.text_min_p)

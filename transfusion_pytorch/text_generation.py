@@ -178,8 +178,7 @@ def generate_text_only(
         raise TypeError(f'seq_len must be an int, got {type(seq_len).__name__}')
     if seq_len < 1:
         raise ValueError(f'seq_len (the length with the prompt) must be at least 1, got {seq_len}')
-    check_flag(cache_kv, 'cache_kv')
-    check_flag(compile_step, 'compile_step')
+    cache_kv, compile_step = check_flag(cache_kv, 'cache_kv'), check_flag(compile_step, 'compile_step')
     if not torch.is_tensor(prompt):
         raise TypeError(f'prompt must be a tensor of token ids (b, p), got {type(prompt).__name__}')
     seq_len, temperature, min_p = int(seq_len), float(temperature), float(min_p)   # NumPy numbers pass the checks

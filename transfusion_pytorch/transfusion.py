@@ -29,7 +29,7 @@ from . import flow, objective
 from .batch import PackedBatch, pack
 from .items import to_items
 from .config import TransfusionConfig, build_config
-from .debug import Batch, Times, typechecked
+from .debug import Batch, Flag, Times, typechecked
 from .masks import AlibiSlopes, causal_mask
 from .token_layout import packed_transformer_inputs
 from .modality import Modalities
@@ -119,7 +119,8 @@ class Transfusion(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise every weight of the library's modules as construction does (the same
         distributions, not the same draws), for a model built on the meta device and moved with
-        `to_empty`. The user's encoders and decoders keep their weights."""
+        `to_empty`. The user's encoders and decoders are left as they are: `to_empty` emptied
+        them too, so load their weights again."""
         coders = {id(m) for m in (*self.modalities.encoders.modules(), *self.modalities.decoders.modules())}
         for module in reversed(list(self.modules())):   # descendants first: a parent's own init wins
             if module is not self and id(module) not in coders and hasattr(module, 'reset_parameters'):
@@ -261,10 +262,10 @@ class Transfusion(nn.Module):
 
     @typechecked
     def sample_many(self, prompts: Sequence, *, max_length: Integral = 2048, text_temperature: Real = 1., text_min_p: Real = 0.1,
-                    cache_kv: bool = True, modality_steps: Integral = 16, ode_method: str = 'midpoint',
+                    cache_kv: Flag = True, modality_steps: Integral = 16, ode_method: str = 'midpoint',
                     fixed_modality_shape = None, force_modality_at_start = None, cfg_scale: Real = 1.,
-                    seed = None, show_progress: bool = True, stop_after_modality: bool = False,
-                    cuda_graphs: bool = True) -> list[list]:
+                    seed = None, show_progress: Flag = True, stop_after_modality: Flag = False,
+                    cuda_graphs: Flag = True) -> list[list]:
         """Sample one continuation per prompt, batched: rows in the same phase share forwards.
 
         prompts: each None, text (Int['t']), a modality (a floating tensor, or (index, tensor),
@@ -311,7 +312,7 @@ class Transfusion(nn.Module):
     @typechecked
     def generate_modality_only(self, batch_size: Integral = 1, modality_type: Integral = 0, fixed_modality_shape: Sequence[Integral] | None = None,
                                modality_steps: Integral = 16, ode_method: str = 'midpoint', cfg_scale: Real = 1., seed = None,
-                               show_progress: bool = False, cuda_graphs: bool = True) -> Float[Tensor, 'b ...']:
+                               show_progress: Flag = False, cuda_graphs: Flag = True) -> Float[Tensor, 'b ...']:
         """Float['b ...'] instances of one modality generated unconditionally (after BOS), in the
         user's layout and decoded; the shape is fixed_modality_shape or the default shape.
         The other keywords are those of `sample_many`."""
@@ -342,7 +343,7 @@ class Transfusion(nn.Module):
 
     @typechecked
     def generate_text_only(self, prompt: Tensor, seq_len: Integral, temperature: Real = 1., min_p: Real = 0.1,
-                           cache_kv: bool = True, compile_step: bool | None = None) -> Int[Tensor, 'b new']:
+                           cache_kv: Flag = True, compile_step: Flag | None = None) -> Int[Tensor, 'b new']:
         """Text-only continuation of Int['b p'] prompts to seq_len tokens in all; returns the new
         tokens Int['b (seq_len - p)']. compile_step (default: the transformer's compile_blocks):
         torch.compile the decode step (CUDA graphs on a GPU, a C++ launch wrapper on CPU); it
