@@ -71,11 +71,14 @@ def test_compiled_blocks_match_eager():
 def test_training_with_cuda_graph_blocks_matches_eager(options):
     """Blocks compiled with their kernels in CUDA graphs (what gpu_profile.py times for the
     host-bound training step): three optimizer steps, each with new times and noise, give eager's losses
-    and weights, so no replay reads a stale input or an overwritten output."""
+    and weights, so no replay reads a stale input or an overwritten output. SGD, not Adam: Adam
+    scales an element's step by its own gradient's size, so a fusion-rounding difference in a
+    near-zero gradient moved one weight of 43,648 by 1.8e-4 on an H200, with compiled blocks
+    alone as with CUDA graphs; under SGD the weights agreed to 3e-8."""
     eager = model_on_cuda()
     graphed = model_on_cuda(compile_blocks = True, **options)
     graphed.load_state_dict(eager.state_dict())
-    optimizers = [torch.optim.AdamW(m.parameters(), lr = 1e-3) for m in (eager, graphed)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr = 1e-2) for m in (eager, graphed)]
     for step in range(3):
         torch.manual_seed(step)
         times, noise = torch.rand(3), [randn(3, 5, 16), randn(7, 8), randn(2, 2, 16)]
