@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .constants import at_least_fp32
 from .modes import eval_mode
-from .objective import at_least_fp32
 
 
 def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch, *, delta: float = 1e-3, alpha: float = 1e-5,

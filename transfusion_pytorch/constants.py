@@ -1,4 +1,5 @@
-"""Constant fp32 tables (rotary and time-embedding frequencies, ALiBi slopes) that survive `model.to(dtype)`.
+"""Constant fp32 tables (rotary and time-embedding frequencies, ALiBi slopes) that survive `model.to(dtype)`,
+and the fp32 floor (`at_least_fp32`) of the computations that must not round in bf16.
 
 Such a table is a non-persistent buffer, so it follows the model to its device; but
 `model.to(torch.bfloat16)` would also round it, and a checkpoint reloaded in fp32
@@ -10,7 +11,13 @@ their definition whenever the module is moved or cast, on the tables' new device
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """x in fp32 if its dtype is narrower (bf16, fp16); an fp64 model's rotary and losses stay fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class ConstantTables(nn.Module):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import flow
 from .batch import PackedBatch
+from .constants import at_least_fp32
 from .transfer import EarlyFlag, host_to_device
 
 
@@ -31,11 +32,6 @@ class LossBreakdown:
     text: Tensor
     flow: Tensor
     flow_per_modality: dict[int, Tensor]
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    """x in fp32 if its dtype is narrower (bf16 autocast); an fp64 model's losses stay fp64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def text_only_loss(model, ids: Tensor) -> LossBreakdown:

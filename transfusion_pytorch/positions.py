@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .constants import ConstantTables
+from .constants import ConstantTables, at_least_fp32
 
 
 class RotaryEmbedding(ConstantTables):
@@ -49,7 +49,7 @@ class RotaryEmbedding(ConstantTables):
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate Float['... b h n e'] by the angles (cos, sin: Float['b 1 n e/2']); the two halves
     of e form the rotation pairs. Computed in at least fp32 (fp64 stays fp64), returned in x's dtype."""
-    first, second = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim = -1)
+    first, second = at_least_fp32(x).chunk(2, dim = -1)
     rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim = -1)
     return rotated.to(x.dtype)
 
