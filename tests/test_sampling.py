@@ -223,6 +223,7 @@ def test_sampling_refuses_arguments_of_the_wrong_kind(call, error, message):
 
 
 def test_numpy_integers_name_forced_modalities_and_shapes_and_numpy_bools_are_flags():
+    """NumPy ints pass wherever Python ints do, fixed_modality_shape's keys included."""
     np = pytest.importorskip('numpy')
     model = tiny_model()
     assert model.sample_many([None], max_length = 8, cache_kv = np.False_, stop_after_modality = np.True_, **QUIET)
@@ -230,6 +231,9 @@ def test_numpy_integers_name_forced_modalities_and_shapes_and_numpy_bools_are_fl
     sample = model.sample(force_modality_at_start = (np.int64(1), (np.int64(3),)), modality_steps = 1, stop_after_modality = True, **QUIET)
     assert sample[0][0] == 1 and sample[0][1].shape == (3, 4)
     assert model.generate_modality_only(modality_type = 1, fixed_modality_shape = (np.int32(2),), modality_steps = 1).shape == (1, 2, 4)
+    sample = model.sample(force_modality_at_start = np.int64(1), fixed_modality_shape = {np.int64(1): (2,)}, modality_steps = 1,
+                          stop_after_modality = True, **QUIET)
+    assert sample[0][0] == 1 and sample[0][1].shape == (2, 4)
 
 
 def test_end_to_end_toy_task():

@@ -98,8 +98,9 @@ def fixed_shapes(model, fixed_modality_shape) -> dict[int, tuple[int, ...]]:
         return {m: shape for m, problem in enumerate(problems) if problem is None}
     shapes = {}
     for m, value in fixed_modality_shape.items():
-        if not isinstance(m, int) or isinstance(m, bool):
+        if not is_integer(m):
             raise TypeError(f'fixed_modality_shape keys must be modality indices, got {m!r}')
+        m = int(m)
         if not 0 <= m < count:
             raise ValueError(f'fixed_modality_shape names modality {m!r}, but the model has {count}')
         shapes[m] = as_shape(value, f'fixed_modality_shape[{m}]')
