@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.serialization import MAP_LOCATION
 
 from .checkpoint_files import FORMAT_VERSION, PRETRAINED_MANIFEST, TRAINING_MANIFEST, read_manifest, read_payload, save_checkpoint
 from .config import TransfusionConfig
@@ -149,8 +152,9 @@ def _check_coders(model: nn.Module, manifest: dict, where: str) -> None:
                                  f'pass it again: from_pretrained(directory, modality_{kind}=...)')
 
 
-def load_pretrained(directory: str | os.PathLike, modality_encoder = None, modality_decoder = None, *,
-                    train_modality_encoders: bool | None = None, map_location = 'cpu', dtype: torch.dtype | None = None,
+def load_pretrained(directory: str | os.PathLike, modality_encoder: nn.Module | Sequence[nn.Module | None] | None = None,
+                    modality_decoder: nn.Module | Sequence[nn.Module | None] | None = None, *,
+                    train_modality_encoders: bool | None = None, map_location: MAP_LOCATION = 'cpu', dtype: torch.dtype | None = None,
                     model_class: type | None = None, **runtime_options: Any) -> nn.Module:
     """Rebuild a model saved by `save_pretrained`.
 
@@ -265,7 +269,7 @@ def _check_plain(value, where: str) -> None:
 
 
 def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
-                        ema: AveragedModel | None = None, scheduler = None, extra: dict | None = None,
+                        ema: AveragedModel | None = None, scheduler: LRScheduler | None = None, extra: dict | None = None,
                         include_coders: bool | None = None) -> None:
     """Save everything needed to resume training exactly: model, optimizer, EMA, scheduler, the
     RNG states, the step and `extra` (tensors and plain containers only), atomically.
@@ -328,7 +332,7 @@ def _check_same_classes(manifest: dict, optimizer, scheduler, where: str) -> Non
 
 
 def load_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                        ema: AveragedModel | None = None, scheduler = None, map_location = 'cpu',
+                        ema: AveragedModel | None = None, scheduler: LRScheduler | None = None, map_location: MAP_LOCATION = 'cpu',
                         restore_rng: bool = True) -> TrainingState:
     """Restore a `save_training_state` checkpoint into the given objects, built as they were when
     saved (the model from `load_config(directory)`). Everything is checked before anything is

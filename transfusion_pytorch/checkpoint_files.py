@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
+from torch.serialization import MAP_LOCATION
 
 from .version import __version__
 
@@ -174,7 +175,7 @@ def _file_sha256(path: Path) -> str:
     return sha256.hexdigest()
 
 
-def read_payload(directory: str | os.PathLike, manifest: dict, map_location) -> dict:
+def read_payload(directory: str | os.PathLike, manifest: dict, map_location: MAP_LOCATION) -> dict:
     entry = manifest.get('payload') or {}
     name = entry.get('name', '')
     if not isinstance(name, str) or not _PAYLOAD_NAME.fullmatch(name):      # also refuses paths like ../x

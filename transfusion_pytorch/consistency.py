@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .constants import at_least_fp32
+from .debug import Batch
 from .modes import eval_mode
 
 
-def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch, *, delta: float = 1e-3, alpha: float = 1e-5,
+def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch: Batch, *, delta: float = 1e-3, alpha: float = 1e-5,
                           modality_type: int | None = None, times: Tensor | None = None,
                           noise: Sequence[Tensor] | None = None) -> Tensor:
     """Scalar Float[''] velocity-consistency loss of `model` against `ema_model` on `batch`.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+import os
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -62,6 +63,10 @@ class Prediction:
     instance_modality: list[int]
 
 
+# an encoder or decoder for every modality, one per modality (None: that modality has none), or none
+Coders = nn.Module | Sequence[nn.Module | None] | None
+
+
 def _per_modality(value, count: int) -> tuple:
     if isinstance(value, (tuple, list)):
         if len(value) != count:
@@ -82,14 +87,14 @@ class Transfusion(nn.Module):
     keywords build; a ready TransfusionConfig goes to `Transfusion.from_config`.
     """
 
-    def __init__(self, num_text_tokens: int, transformer: dict, modality_encoder = None, modality_decoder = None,
+    def __init__(self, num_text_tokens: int, transformer: dict, modality_encoder: Coders = None, modality_decoder: Coders = None,
                  train_modality_encoders: bool = False, **config_kwargs):
         super().__init__()
         config = build_config(num_text_tokens = num_text_tokens, transformer = transformer, **config_kwargs)
         self._build(config, modality_encoder, modality_decoder, train_modality_encoders)
 
     @classmethod
-    def from_config(cls, config: TransfusionConfig, modality_encoder = None, modality_decoder = None,
+    def from_config(cls, config: TransfusionConfig, modality_encoder: Coders = None, modality_decoder: Coders = None,
                     train_modality_encoders: bool = False) -> 'Transfusion':
         model = cls.__new__(cls)
         nn.Module.__init__(model)
@@ -166,7 +171,7 @@ class Transfusion(nn.Module):
             raise ValueError('modality_type applies to a floating tensor batch (modality-only training), not to a list of samples')
         return batch
 
-    def pack(self, batch, close: bool = True, defer_check: bool = False):
+    def pack(self, batch: Batch, close: bool = True, defer_check: bool = False) -> PackedBatch | tuple[PackedBatch, Any]:
         """Validate a list of samples and lay it out as one packed sequence on the model's device.
         defer_check: also return the batch's ValueCheck instead of raising at once (see items.py);
         the caller then keeps the encoders' state until it has raised (as `forward` does)."""
@@ -260,6 +265,8 @@ class Transfusion(nn.Module):
 
     # sampling (sampling.py, text_generation.py)
 
+    # fixed_modality_shape, force_modality_at_start and seed are left unannotated: sampling_options
+    # checks them with messages that name the argument, which debug mode's checker would pre-empt
     @typechecked
     def sample_many(self, prompts: Sequence, *, max_length: Integral = 2048, text_temperature: Real = 1., text_min_p: Real = 0.1,
                     cache_kv: Flag = True, modality_steps: Integral = 16, ode_method: str = 'midpoint',
@@ -357,7 +364,7 @@ class Transfusion(nn.Module):
     # ---------------------------------------------------------------------------------------
     # checkpoints (checkpoint.py): thin entry points; the format and its guarantees live there
 
-    def save_pretrained(self, directory, include_coders: bool | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, include_coders: bool | None = None) -> None:
         """Save config and weights to `directory`, atomically (a crash leaves the previous
         checkpoint). Encoder/decoder weights with include_coders=True, by default when the
         encoders are trained; either way pass the encoder/decoder modules again to `from_pretrained`."""
@@ -365,7 +372,7 @@ class Transfusion(nn.Module):
         save_pretrained(self, directory, include_coders = include_coders)
 
     @classmethod
-    def from_pretrained(cls, directory, modality_encoder = None, modality_decoder = None, **kwargs) -> 'Transfusion':
+    def from_pretrained(cls, directory: str | os.PathLike, modality_encoder: Coders = None, modality_decoder: Coders = None, **kwargs: Any) -> 'Transfusion':
         """Rebuild a model saved by `save_pretrained`; see `checkpoint.load_pretrained` for the
         keywords (train_modality_encoders, map_location, dtype, runtime options such as compile_blocks)."""
         from .checkpoint import load_pretrained
