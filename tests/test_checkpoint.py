@@ -183,6 +183,15 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', payload_path(tmp_path).name]
 
 
+@pytest.mark.parametrize('decay, error, message', [(float('nan'), ValueError, r'decay must be in \[0, 1\], got nan'),
+                                                     (1.5, ValueError, r'decay must be in \[0, 1\], got 1.5'),
+                                                     ('0.9', TypeError, r'decay must be a number in \[0, 1\], got str')])
+def test_ema_decay_outside_0_1_is_refused(decay, error, message):
+    """A NaN decay passes torch's own range check and would fill the average with NaN."""
+    with pytest.raises(error, match = message):
+        make_ema(torch.nn.Linear(2, 2), decay = decay)
+
+
 @pytest.mark.parametrize('decay, moved', [(0.9, 0.1), (None, 0.001)], ids = ['decay_0.9', 'default_0.999'])
 def test_ema_helper_averages_exponentially(decay, moved):
     model = tiny_model()

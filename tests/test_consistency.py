@@ -106,14 +106,72 @@ def test_dropout_is_off_in_both_evaluations_and_the_modes_are_restored():
     assert model.training and ema.module.training
 
 
-def test_text_only_batches_and_bad_arguments():
+def test_text_only_batches_give_zero():
     model = tiny_model()
     assert consistency_flow_loss(model, model, randint(0, 16, (2, 6))).item() == 0.
+
+
+@pytest.mark.parametrize('keywords, error, message', [
+    (dict(delta = 0.), ValueError, r'delta must be in \(0, 1\)'),
+    (dict(delta = '0.1'), TypeError, 'delta must be a number, got str'),
+    (dict(alpha = -1.), ValueError, r'alpha \(the weight of the velocity term\) must be finite and >= 0, got -1.0'),
+    (dict(alpha = float('nan')), ValueError, 'alpha .* must be finite and >= 0, got nan'),
+    (dict(delta = 0.5, times = torch.tensor([0.1, 0.7, 0.2])), ValueError, r'times must lie in \[0, 1 - delta'),
+    (dict(times = torch.tensor([False, True, False])), TypeError, 'times must be real numbers, got a tensor of torch.bool'),
+    (dict(times = [0.1, 0.2]), ValueError, r'times must hold one value per modality instance \(3\), got 2'),
+    (dict(times = [0.1, 0.2, 0.3], noise = [randn(2, 3, 8)]), ValueError, r'noise must hold one tensor per modality instance \(3\), got 1'),
+], ids = ['delta_zero', 'delta_str', 'alpha_negative', 'alpha_nan', 'times_past_1_minus_delta', 'bool_times', 'times_count', 'noise_count'])
+def test_bad_arguments_are_refused_before_anything_is_drawn(keywords, error, message):
+    """Each is refused with a named message, and the global generator is where it was: a
+    rejected call draws no times or noise."""
+    model = tiny_model()
     batch = batch_of([randn(shape) for _, shape in SHAPES])
-    with pytest.raises(ValueError, match = r'delta must be in \(0, 1\)'):
-        consistency_flow_loss(model, model, batch, delta = 0.)
+    state = torch.get_rng_state()
+    with pytest.raises(error, match = message):
+        consistency_flow_loss(model, model, batch, **keywords)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_the_ema_must_have_the_model_s_architecture():
+    """Another width would give a loss against a different network; runtime options (compile,
+    attention backend) change no weights and are allowed."""
+    model = tiny_model()
+    batch = randn(2, 2, 3, 8)
+    with pytest.raises(ValueError, match = 'ema_model must be an EMA of model .* the configurations differ'):
+        consistency_flow_loss(model, tiny_model(transformer = dict(dim = 48, depth = 2, heads = 2, dim_head = 32)), batch)
+    with pytest.raises(TypeError, match = 'ema_model must be make_ema\\(model\\) or a Transfusion, got Linear'):
+        consistency_flow_loss(model, torch.nn.Linear(2, 2), batch)
+    other_backend = tiny_model(transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, attention_backend = 'sdpa', checkpoint_activations = True))
+    assert torch.isfinite(consistency_flow_loss(model, other_backend, batch))
+
+
+def test_a_complex_batch_is_refused_not_read_as_text():
+    with pytest.raises(TypeError, match = 'sample 0, item 0: modality 0 data must be a floating tensor, got tensor of dtype torch.complex64'):
+        consistency_flow_loss(tiny_model(), tiny_model(), randn(2, 2, 3, 8, dtype = torch.complex64))
+
+
+def test_refused_times_leave_a_trainable_encoder_s_buffers_as_they_were():
+    """The times are checked after the batch is encoded (their count is the batch's number of
+    instances); the encoder's state is handed back when they are refused."""
+    from torch import nn
+
+    class CallCounting(nn.Conv2d):
+        def __init__(self):
+            super().__init__(3, 8, 1)
+            self.register_buffer('calls', torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    model = tiny_model(dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                       modality_encoder = CallCounting(), train_modality_encoders = True)
+    encoder = model.modalities.encoders[0]
     with pytest.raises(ValueError, match = r'times must lie in \[0, 1 - delta'):
-        consistency_flow_loss(model, model, batch, delta = 0.5, times = torch.tensor([0.1, 0.7, 0.2]))
+        consistency_flow_loss(model, model, randn(2, 3, 2, 2), times = [0.5, 1.])
+    assert encoder.calls.item() == 0
+    consistency_flow_loss(model, model, randn(2, 3, 2, 2))
+    assert encoder.calls.item() == 1
 
 
 def test_a_tiny_training_run_with_the_loss_stays_finite():

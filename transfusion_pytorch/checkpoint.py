@@ -39,6 +39,7 @@ from torch.serialization import MAP_LOCATION
 from .checkpoint_files import FORMAT_VERSION, PRETRAINED_MANIFEST, TRAINING_MANIFEST, read_manifest, read_payload, save_checkpoint
 from .config import TransfusionConfig
 from .rng import rng_state
+from .sampling_options import is_real_number
 from .distributed_state import full_states, gathered, is_sharded, load_full_states, on_rank_zero, own_rank_entry, restore_rng_state
 from .version import __version__
 
@@ -223,13 +224,19 @@ class _FullParameters:
 
 
 def make_ema(model: nn.Module, decay: float = 0.999) -> ModelEMA:
-    """An exponential moving average of `model`'s parameters (a deep copy; its buffers are the
-    copies made here, which is right for this model's, all constants of the config: rotary and
-    time frequencies, ALiBi slopes): `ema_p = decay * ema_p + (1 - decay) * p` on each `ema.update_parameters(model)`, called
-    after every optimizer step (the first call copies). Sample with `ema.module`; save it with
+    """An exponential moving average of `model`'s parameters (a deep copy):
+    `ema_p = decay * ema_p + (1 - decay) * p` on each `ema.update_parameters(model)`, called
+    after every optimizer step (the first call copies). Buffers are not averaged: each update
+    copies the model's (torch's AveragedModel with use_buffers=False); this model's own are
+    constants of the config (rotary and time frequencies, ALiBi slopes), an encoder's are the
+    model's current ones. Sample with `ema.module`; save it with
     `save_pretrained(ema, directory)`. Pass the unwrapped model, not the DDP wrapper. Under
     FSDP2, make it before `fully_shard`: the average stays unsharded on every rank, and
     `update_parameters(model)` gathers the shards (call it on every rank)."""
+    if not is_real_number(decay):
+        raise TypeError(f'decay must be a number in [0, 1], got {type(decay).__name__}')
+    if not 0 <= decay <= 1:          # NaN too: torch's own range check lets it through
+        raise ValueError(f'decay must be in [0, 1], got {decay}')
     model = _unwrap(model)
     if is_sharded(model):
         raise TypeError('make_ema needs the unsharded model (FSDP2 cannot deep-copy a sharded one): call make_ema(model) '

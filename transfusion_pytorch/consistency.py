@@ -29,15 +29,20 @@ Glossary: i modality instances, l latent tokens of one modality, c its dim_laten
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import objective
+from .checkpoint import RUNTIME_OPTIONS
 from .constants import at_least_fp32
 from .debug import Batch
 from .modes import eval_mode
+from .sampling_options import is_real_number
 
 
 def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch: Batch, *, delta: float = 1e-3, alpha: float = 1e-5,
@@ -51,7 +56,9 @@ def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch: Batch, 
         loss = model(batch) + weight * consistency_flow_loss(model, ema, batch)
         loss.backward(); optimizer.step(); ema.update_parameters(model)
 
-    model: the Transfusion being trained (the unwrapped module; its gradients flow).
+    model: the Transfusion being trained (the unwrapped module; its gradients flow). Under
+        FSDP2, call this after `model(batch)` in the same step: only the root module's forward
+        gathers the root's own parameters, and this goes past it.
     ema_model: its EMA, `make_ema(model)` (a torch.optim.swa_utils.AveragedModel; the average is
         `.module`), or any Transfusion of the same configuration. Evaluated under no_grad.
         Passing `model` itself gives the stop-gradient form without an EMA.
@@ -67,26 +74,28 @@ def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch: Batch, 
     Returns the mean over latent elements per modality, averaged over the modalities present
     with their loss weights (as the flow loss is).
     """
-    if not 0 < delta < 1:
-        raise ValueError(f'delta must be in (0, 1), got {delta}')
+    _check_weights(delta, alpha)
     ema = ema_model.module if isinstance(ema_model, torch.optim.swa_utils.AveragedModel) else ema_model
+    _check_same_architecture(model, ema)
     zero = model.token_embedding.weight.new_zeros((), dtype = torch.float32)
-    if torch.is_tensor(batch) and not batch.is_floating_point():
+    if torch.is_tensor(batch) and not (batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool):
         return zero                                                 # text-only: nothing to flow
-    with eval_mode(model):                                          # encoders run as in predict
+    # the checks of times and noise need the packed batch; a trainable encoder's state is kept if they fail
+    with model.modalities.encoder_state_kept_on_error(), eval_mode(model):   # encoders run as in predict
         packed = model.pack(model._as_samples(batch, modality_type))   # encoded once, for both predictions
-    if packed.num_instances == 0:
-        return zero
+        if packed.num_instances == 0:
+            return zero
+        times = _checked_times(times, packed.num_instances, delta, model.device)
+        if noise is not None:
+            objective.noise_by_group(model, packed, noise)          # raises before anything is drawn
     if times is None:
         times = torch.rand(packed.num_instances, device = model.device) * (1 - delta)
-    elif not bool(((torch.as_tensor(times) >= 0) & (torch.as_tensor(times) <= 1 - delta)).all()):   # caller's times only
-        raise ValueError(f'times must lie in [0, 1 - delta = {1 - delta:g}] so that times + delta stays in [0, 1]')
-    times = torch.as_tensor(times, dtype = torch.float32, device = model.device)
     if noise is None:
         noise = [_gaussian(model, m, shape) for m, shape in zip(packed.instance_modality, packed.instance_shape)]
     student = _endpoints_and_velocities(model.predict_packed(packed, times, noise))
     with torch.no_grad():
-        teacher = _endpoints_and_velocities(ema.predict_packed(packed, times + delta, noise))
+        # float32 rounding of times + delta may pass 1 by an ulp; the time is 1 there
+        teacher = _endpoints_and_velocities(ema.predict_packed(packed, (times + delta).clamp(max = 1), noise))
     parts = {}
     for m in sorted(set(packed.instance_modality)):
         mine = [i for i, modality in enumerate(packed.instance_modality) if modality == m]
@@ -94,6 +103,38 @@ def consistency_flow_loss(model: nn.Module, ema_model: nn.Module, batch: Batch, 
         parts[m] = F.mse_loss(gather(student, 0), gather(teacher, 0)) + alpha * F.mse_loss(gather(student, 1), gather(teacher, 1))
     weights = {m: model.config.modalities[m].loss_weight for m in parts}
     return sum(weights[m] * part for m, part in parts.items()) / sum(weights.values())
+
+
+def _check_weights(delta, alpha) -> None:
+    for name, value in (('delta', delta), ('alpha', alpha)):
+        if not is_real_number(value):
+            raise TypeError(f'{name} must be a number, got {type(value).__name__}')
+    if not 0 < delta < 1:
+        raise ValueError(f'delta must be in (0, 1), got {delta}')
+    if not 0 <= alpha < math.inf:
+        raise ValueError(f'alpha (the weight of the velocity term) must be finite and >= 0, got {alpha}')
+
+
+def _check_same_architecture(model: nn.Module, ema: nn.Module) -> None:
+    """The EMA must be the same model up to options that do not change the weights: another
+    shape would give a loss against a different network, or fail deep inside with a noise error."""
+    if not hasattr(ema, 'config') or not hasattr(ema, 'predict_packed'):
+        raise TypeError(f'ema_model must be make_ema(model) or a Transfusion, got {type(ema).__name__} (pass modules unwrapped from DDP)')
+    options = {name: getattr(model.config.transformer, name) for name in RUNTIME_OPTIONS}
+    if replace(ema.config, transformer = replace(ema.config.transformer, **options)) != model.config:
+        raise ValueError('ema_model must be an EMA of model (make_ema(model)) or a Transfusion of the same configuration, '
+                         'up to runtime options such as compile_blocks; the configurations differ')
+
+
+def _checked_times(times, count: int, delta: float, device: torch.device) -> Tensor | None:
+    """The caller's times, checked as `model(batch, times=...)` checks them, and at most
+    1 - delta so that the EMA's times + delta stay in [0, 1]; None stays None."""
+    if times is None:
+        return None
+    times = objective.checked_times(times, count, device)
+    if not bool((times <= 1 - delta).all()):
+        raise ValueError(f'times must lie in [0, 1 - delta = {1 - delta:g}] so that times + delta stays in [0, 1]')
+    return times
 
 
 def _gaussian(model, modality: int, shape: tuple[int, ...]) -> Tensor:
