@@ -49,6 +49,20 @@ def test_compiled_evaluation_is_reused_across_calls_and_left_out_of_copies():
     torch.testing.assert_close(run(twin), first, atol = 1e-5, rtol = 1e-5)
 
 
+def test_each_model_s_compiled_evaluation_has_its_own_versions(monkeypatch):
+    """Every model compiles the same evaluation function with a backend of its own; were the
+    versions kept on one shared code object, models past the recompile limit (lowered to 2 here)
+    would evaluate eagerly, their graphs never called."""
+    from transfusion_pytorch import compiling
+    monkeypatch.setattr(compiling, 'BLOCK_VERSIONS', 2)
+    for index in range(3):
+        model = randomized(tiny_model(transformer = COMPILED))
+        compiled = model.generate_modality_only(1, 1, (5,), modality_steps = 2, seed = 0)
+        assert model._compiled_evaluation.recorder.calls > 0, index
+        torch.testing.assert_close(compiled, eager_twin(model).generate_modality_only(1, 1, (5,), modality_steps = 2, seed = 0),
+                                   atol = 1e-5, rtol = 1e-5)
+
+
 def test_evaluations_after_the_first_two_of_a_solve_call_the_graph_directly(monkeypatch):
     """The samples of the test above come from replayed graphs (replay.py); here, how many."""
     from transfusion_pytorch.replay import Replayed

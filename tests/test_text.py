@@ -167,6 +167,20 @@ def test_compiled_steps_with_skipped_guards_stay_with_their_model_and_batch():
         assert torch.equal(tokens, expected[m, b]), (m, b)
 
 
+def test_decoders_of_new_sizes_do_not_use_up_the_recompile_limit(monkeypatch):
+    """Only the latest decoder is kept, and each new one compiles its step again. Those
+    versions must not pile up on one shared code object: past the recompile limit every compiled
+    step would fail (fullgraph). With the limit lowered to 2, a fourth length still decodes,
+    greedy tokens equal to eager."""
+    from transfusion_pytorch import compiling
+    monkeypatch.setattr(compiling, 'BLOCK_VERSIONS', 2)
+    model = text_model()
+    prompt = torch.randint(0, 32, (1, 3))
+    for length in (8, 9, 10, 8):
+        eager = model.generate_text_only(prompt, length, temperature = 0., compile_step = False)
+        assert torch.equal(model.generate_text_only(prompt, length, temperature = 0., compile_step = True), eager), length
+
+
 def test_in_graph_sampler_keeps_min_p_and_matches_the_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 2

@@ -9,6 +9,7 @@ skips the guards: `skip_guard_checks`.
 from __future__ import annotations
 
 import inspect
+import types
 from contextlib import nullcontext
 
 import torch
@@ -31,6 +32,21 @@ def compile_region(fn, options: dict | None, backend = None, **settings):
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, BLOCK_VERSIONS)
     return torch.compile(fn, **how)
+
+
+def with_own_code(fn):
+    """fn (a function or a bound method) as a copy with a code object of its own.
+
+    Dynamo keeps compiled versions on the code object, and a region compiled with a backend of
+    its own (replay.RecordingInductor) or guarded on objects of its own (a text decoder's
+    buffers) adds a version to that code object each time: 32 text decoders of new sizes, or 32
+    models sampling, would exhaust the recompile limit of every later one (an error under
+    fullgraph, eager code otherwise). On a copy, a region's versions are its own and go with it."""
+    function = getattr(fn, '__func__', fn)
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = function.__kwdefaults__, function.__qualname__, function.__doc__
+    return types.MethodType(copy, fn.__self__) if hasattr(fn, '__func__') else copy
 
 
 def skip_guard_checks():

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .compiling import compile_region
+from .compiling import compile_region, with_own_code
 from .packed_linear import calls_packed_products
 
 
@@ -71,7 +71,7 @@ def recorded_region(fn: Callable, options: dict | None, **settings) -> RecordedR
     """fn compiled with Inductor (options as torch.compile's), recording its graph calls.
     settings: more torch.compile arguments (fullgraph, dynamic)."""
     recorder = RecordingInductor(options)
-    return RecordedRegion(compile_region(fn, None, backend = recorder, **settings), recorder)
+    return RecordedRegion(compile_region(with_own_code(fn), None, backend = recorder, **settings), recorder)
 
 
 def _modes(device: torch.device) -> tuple:
