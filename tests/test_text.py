@@ -239,6 +239,17 @@ def test_text_only_loss_is_next_token_ce():
     torch.testing.assert_close(model(ids), expected)
 
 
+def test_a_temperature_past_float32_never_chooses_a_filtered_token():
+    """Above ~3.4e38 the temperature overflows fp32 to inf: the allowed tokens become equally
+    likely, and a filtered token (-inf / inf = NaN) must stay impossible, not become argmax's pick."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[3., 2.9, 0., -1., -2.]]).expand(2000, 5)
+    allowed = torch.tensor([True, True, True, True, False])
+    for temperature in (1e39, 1e300):
+        counts = torch.bincount(choose_tokens(logits, temperature, min_p = 0.5, allowed = allowed), minlength = 5)
+        assert counts[2:].sum() == 0 and counts[0] > 800 and counts[1] > 800, counts
+
+
 def test_min_p_one_keeps_exactly_the_most_likely_tokens_ties_included():
     """min_p = 1 is allowed and keeps the tokens whose probability equals the maximum: sampling
     is then greedy (a strict '>' kept none, and every draw fell back to token 0)."""

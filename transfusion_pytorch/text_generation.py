@@ -60,6 +60,8 @@ def choose_tokens(
     # the row's max subtracted first: any positive temperature leaves it at 0 and the allowed
     # tokens finite (dividing raw logits by a tiny temperature overflowed to +-inf)
     scaled = (logits - logits.amax(dim = -1, keepdim = True)) / temperature
+    # past ~3.4e38 the temperature is inf in fp32 and a masked -inf / inf is NaN, which argmax picks
+    scaled = scaled.masked_fill(logits == float('-inf'), float('-inf'))
     return (scaled + gumbel).argmax(dim = -1)
 
 
