@@ -111,6 +111,9 @@ def test_shape_tokens_off_requires_the_fixed_shape():
     (dict(transformer = dict(dim = 64, depth = 2, compile_blocks = True, compile_stack = True, checkpoint_activations = True,
                              compile_options = {'cpp_wrapper': True})), 'checkpoint_activations with compile_stack cannot use compile_options cpp_wrapper'),
     (dict(modality_default_shape = (4,), modality_unet_dim = 32), 'modality_unet_dim=32 is the width of the U-Net that modality_downsample > 1 builds'),
+    # one value for all modalities that fits only some: the message names the modality and the per-modality form
+    (dict(dim_latent = (8, 4), modality_default_shape = ((4, 4), (2,)), modality_downsample = (2, 1), modality_unet_dim = 8),
+     r'modality 1: modality_unet_dim=8 is the width .* but downsample is 1; per-modality keywords also take a tuple, one value per modality'),
 ])
 def test_bad_configuration_explains_itself(kwargs, message):
     base = dict(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 64, depth = 2))

@@ -79,7 +79,8 @@ class TransformerConfig:
     ff_pad_multiple: compute the feed-forward's hidden layer padded with units of zero weight up
         to a multiple of this width (e.g. 16: int(1024 * 4 * 2 / 3) = 2730 becomes 2736, whose
         bf16 rows are 16-byte aligned for GPU matrix kernels). The padded units stay exactly
-        zero in value and gradient, so the model and its parameters' shapes are unchanged.
+        zero in value and gradient, so the model and its parameters' shapes are unchanged; in
+        training with dropout, the dropout mask is drawn over the padded width, so its draws differ.
     """
     dim: int
     depth: int
@@ -388,10 +389,17 @@ def build_config(
     downsample = _per_modality(modality_downsample, count, 'modality_downsample', is_int)
     unet_dims = _per_modality(modality_unet_dim, count, 'modality_unet_dim', lambda v: v is None or is_int(v))
 
+    def modality(index: int, **values) -> ModalityConfig:
+        try:
+            return ModalityConfig(**values)
+        except ValueError as error:   # a value given once for all modalities may fit only some
+            if count == 1:
+                raise
+            raise ValueError(f'modality {index}: {error}; per-modality keywords also take a tuple, one value per modality') from None
+
     modalities = tuple(
-        ModalityConfig(dim_latent = d, default_shape = s, channel_first = c, shape_tokens = t, loss_weight = w,
-                       downsample = f, unet_dim = u)
-        for d, s, c, t, w, f, u in zip(dims, shapes, channel_first, shape_tokens, loss_weights, downsample, unet_dims)
+        modality(i, dim_latent = d, default_shape = s, channel_first = c, shape_tokens = t, loss_weight = w, downsample = f, unet_dim = u)
+        for i, (d, s, c, t, w, f, u) in enumerate(zip(dims, shapes, channel_first, shape_tokens, loss_weights, downsample, unet_dims))
     )
     _check_model_options(model_options)
     if model_options.get('modality_experts'):
