@@ -1,15 +1,14 @@
-"""Frozen configuration dataclasses and the normalisation of README-style keyword arguments.
+"""Frozen configuration dataclasses.
 
 Everything that decides the architecture or the loss lives here, validated once, so that the
-modules can trust their inputs. The README style (`dim_latent=(384, 192)`,
-`modality_default_shape=((4,), (2,))`, `transformer=dict(dim=512, depth=8)`) is turned into one
-`ModalityConfig` per modality and one `TransformerConfig` by `build_config`.
+modules can trust their inputs. The README-style keywords that build them (`dim_latent=(384,
+192)`, `transformer=dict(dim=512, depth=8)`) are read by `keywords.build_config`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 import torch
 
@@ -307,101 +306,3 @@ class TransfusionConfig:
             for m in data.get('modalities', ())
         )
         return cls(**data)
-
-
-# README keyword normalisation
-
-def _per_modality(value: Any, num_modalities: int, name: str, is_single) -> tuple:
-    """A single value applies to every modality; a tuple/list gives one value per modality."""
-    if is_single(value):
-        return (value,) * num_modalities
-    _require(isinstance(value, (tuple, list)), f'{name} must be a single value or one value per modality, got {value!r}')
-    _require(len(value) == num_modalities, f'{name} has {len(value)} entries but there are {num_modalities} modalities (from dim_latent)')
-    return tuple(value)
-
-
-def _is_shape(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and all(isinstance(a, int) and not isinstance(a, bool) for a in value)
-
-
-def _as_shape(value: Any, name: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    _require(_is_shape(value), f'{name} must be a tuple of ints, got {value!r}')
-    return tuple(value)
-
-
-def _check_model_options(options: dict) -> None:
-    """TransfusionConfig fields passed as keywords, except modalities: the per-modality keywords build it."""
-    _require('modalities' not in options, 'modalities is built from dim_latent and the per-modality keywords; '
-             'for a ready TransfusionConfig use Transfusion.from_config(config)')
-    unknown = set(options) - {f.name for f in fields(TransfusionConfig)}
-    _require(not unknown, f'unknown Transfusion options {sorted(unknown)}')
-
-
-def build_config(
-    num_text_tokens: int,
-    transformer: dict | TransformerConfig,
-    dim_latent: int | Sequence[int] | None = None,
-    modality_default_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
-    channel_first_latent: bool | Sequence[bool] = False,
-    add_modality_shape_tokens: bool | Sequence[bool] = True,
-    modality_loss_weight: float | Sequence[float] = 1.,
-    modality_downsample: int | Sequence[int] = 1,
-    modality_unet_dim: int | None | Sequence[int | None] = None,
-    **model_options: Any,
-) -> TransfusionConfig:
-    """README-style keywords -> TransfusionConfig. Per-modality keywords take one value for all
-    modalities or one per modality; the number of modalities is the length of dim_latent."""
-    if isinstance(transformer, dict):
-        _require(all(isinstance(k, str) for k in transformer), 'transformer keys must be strings')
-        unknown = set(transformer) - {f.name for f in fields(TransformerConfig)}
-        _require(not unknown, f'unknown transformer options {sorted(unknown)}; known: {sorted(f.name for f in fields(TransformerConfig))}')
-        _require('dim' in transformer and 'depth' in transformer, 'transformer needs at least dim and depth, e.g. transformer=dict(dim=512, depth=8)')
-        transformer = TransformerConfig(**transformer)
-    _require(isinstance(transformer, TransformerConfig), f'transformer must be a dict or TransformerConfig, got {type(transformer).__name__}')
-
-    if dim_latent is None:
-        dims = ()
-        given = {name: value for name, value, default in (
-            ('modality_default_shape', modality_default_shape, None), ('channel_first_latent', channel_first_latent, False),
-            ('add_modality_shape_tokens', add_modality_shape_tokens, True), ('modality_loss_weight', modality_loss_weight, 1.),
-            ('modality_downsample', modality_downsample, 1), ('modality_unet_dim', modality_unet_dim, None)) if value != default}
-        _require(not given, f'{sorted(given)} describe modalities, but there are none: pass dim_latent (one per modality)')
-    elif isinstance(dim_latent, (tuple, list)):
-        dims = tuple(dim_latent)
-        _require(len(dims) > 0, 'dim_latent must not be empty')
-    else:
-        dims = (dim_latent,)
-    count = len(dims)
-
-    if modality_default_shape is None or _is_shape(modality_default_shape):
-        shapes = (_as_shape(modality_default_shape, 'modality_default_shape'),) * count
-    else:
-        shapes = tuple(_as_shape(s, f'modality_default_shape[{i}]') for i, s in enumerate(
-            _per_modality(modality_default_shape, count, 'modality_default_shape', lambda v: False)))
-    is_flag = lambda v: isinstance(v, bool)
-    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    channel_first = _per_modality(channel_first_latent, count, 'channel_first_latent', is_flag)
-    shape_tokens = _per_modality(add_modality_shape_tokens, count, 'add_modality_shape_tokens', is_flag)
-    loss_weights = _per_modality(modality_loss_weight, count, 'modality_loss_weight', is_number)
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    downsample = _per_modality(modality_downsample, count, 'modality_downsample', is_int)
-    unet_dims = _per_modality(modality_unet_dim, count, 'modality_unet_dim', lambda v: v is None or is_int(v))
-
-    def modality(index: int, **values) -> ModalityConfig:
-        try:
-            return ModalityConfig(**values)
-        except ValueError as error:   # a value given once for all modalities may fit only some
-            if count == 1:
-                raise
-            raise ValueError(f'modality {index}: {error}; per-modality keywords also take a tuple, one value per modality') from None
-
-    modalities = tuple(
-        modality(i, dim_latent = d, default_shape = s, channel_first = c, shape_tokens = t, loss_weight = w, downsample = f, unet_dim = u)
-        for i, (d, s, c, t, w, f, u) in enumerate(zip(dims, shapes, channel_first, shape_tokens, loss_weights, downsample, unet_dims))
-    )
-    _check_model_options(model_options)
-    if model_options.get('modality_experts'):
-        transformer = replace(transformer, experts = 1 + count)
-    return TransfusionConfig(num_text_tokens = num_text_tokens, transformer = transformer, modalities = modalities, **model_options)

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from . import flow, objective
 from .batch import PackedBatch, pack
 from .items import to_items
-from .config import TransfusionConfig, build_config
+from .config import TransfusionConfig
+from .keywords import build_config
 from .debug import Batch, Flag, Times, typechecked
 from .masks import AlibiSlopes, causal_mask
 from .token_layout import packed_transformer_inputs
