@@ -164,6 +164,28 @@ def test_text_only_batches_refuse_what_does_not_apply(batch, keywords, message):
         tiny_model()(batch, **keywords)
 
 
+@pytest.mark.parametrize('modality_type, error, message', [
+    (2, ValueError, 'modality_type 2: this model has 2 modalities'),
+    (1., TypeError, r'modality_type must be a modality index \(an int\), got float|parameter .modality_type.'),
+    (True, TypeError, r'modality_type must be a modality index \(an int\), got bool'),
+])
+def test_modality_only_batches_name_a_bad_modality_type(modality_type, error, message):
+    """A modality-only batch's modality_type is the caller's argument, not a 'sample 0, item 0'."""
+    with pytest.raises(error, match = message):
+        tiny_model()(randn(2, 3, 4), modality_type = modality_type)
+
+
+def test_numpy_ints_index_modalities_in_batches():
+    """NumPy ints name modalities in items and as modality_type, as they do in sampling."""
+    np = pytest.importorskip('numpy')
+    model = tiny_model()
+    draws = dict(times = torch.tensor([.3, .6]), noise = [torch.zeros(3, 4), torch.ones(3, 4)])
+    data = randn(2, 3, 4)
+    expected = model(data, modality_type = 1, **draws)
+    torch.testing.assert_close(model(data, modality_type = np.int64(1), **draws), expected)
+    torch.testing.assert_close(model([[(np.int32(1), data[0])], [(np.int64(1), data[1])]], **draws), expected)
+
+
 @pytest.mark.parametrize('dtype', [torch.uint8, torch.int8, torch.int16, torch.uint16])
 def test_text_of_any_integer_dtype_is_read_as_ids(dtype):
     """Range checks in a small dtype wrapped (uint8 5 >= 256) or did not exist (uint16), so valid

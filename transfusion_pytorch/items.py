@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .config import TransfusionConfig
+from .sampling_options import is_integer
 from .transfer import EarlyFlag
 
 
@@ -58,8 +59,9 @@ def _parse_item(item, sample: int, index: int, num_modalities: int) -> tuple[str
         modality, data = item
         if torch.is_tensor(modality) and modality.ndim == 0 and not (modality.is_floating_point() or modality.is_complex() or modality.dtype == torch.bool):
             modality = int(modality)   # a 0-d integer tensor; a bool one would read as modality 1
-        if not isinstance(modality, int) or isinstance(modality, bool):
+        if not is_integer(modality):
             raise TypeError(f'{where}: modality index must be an int, got {type(modality).__name__}')
+        modality = int(modality)   # a NumPy int too
         if num_modalities == 0:
             raise ValueError(f'{where}: got modality {modality} but this model has no modalities (pass dim_latent to Transfusion)')
         if not 0 <= modality < num_modalities:

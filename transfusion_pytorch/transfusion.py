@@ -165,6 +165,11 @@ class Transfusion(nn.Module):
         if torch.is_tensor(batch):
             if modality_type is None:
                 modality_type = 0
+            if not is_integer(modality_type):
+                raise TypeError(f'modality_type must be a modality index (an int), got {type(modality_type).__name__}')
+            if not 0 <= modality_type < self.config.num_modalities:
+                raise ValueError(f'modality_type {modality_type}: this model has {self.config.num_modalities} modalities')
+            modality_type = int(modality_type)
             if batch.ndim < 1 or batch.shape[0] == 0:
                 raise ValueError(f'modality-only training expects a floating tensor (b, ...) with b >= 1, got shape {tuple(batch.shape)}')
             return [[(modality_type, row)] for row in batch.unbind(0)]
