@@ -206,8 +206,8 @@ def test_a_bare_pair_with_a_tensor_index_is_one_modality_item():
 
 def test_a_model_without_modalities_says_so():
     model = Transfusion(num_text_tokens = 16, transformer = dict(dim = 32, depth = 1))
-    for batch in ([[(0, randn(3, 8))]], randn(2, 3, 8)):
-        with pytest.raises(ValueError, match = r'sample 0, item 0: .*this model has no modalities \(pass dim_latent'):
+    for batch, where in (([[(0, randn(3, 8))]], 'sample 0, item 0: '), (randn(2, 3, 8), 'a floating tensor batch is modality-only training, ')):
+        with pytest.raises(ValueError, match = where + r'.*this model has no modalities \(pass dim_latent'):
             model(batch)
 
 

@@ -167,6 +167,8 @@ class Transfusion(nn.Module):
                 modality_type = 0
             if not is_integer(modality_type):
                 raise TypeError(f'modality_type must be a modality index (an int), got {type(modality_type).__name__}')
+            if self.config.num_modalities == 0:
+                raise ValueError('a floating tensor batch is modality-only training, but this model has no modalities (pass dim_latent to Transfusion)')
             if not 0 <= modality_type < self.config.num_modalities:
                 raise ValueError(f'modality_type {modality_type}: this model has {self.config.num_modalities} modalities')
             modality_type = int(modality_type)
