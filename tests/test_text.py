@@ -181,6 +181,36 @@ def test_decoders_of_new_sizes_do_not_use_up_the_recompile_limit(monkeypatch):
         assert torch.equal(model.generate_text_only(prompt, length, temperature = 0., compile_step = True), eager), length
 
 
+def test_a_compiled_step_serves_every_temperature_and_min_p(monkeypatch):
+    """Temperature and min-p reach the compiled step as buffer values, so a sweep over them
+    compiles two versions (greedy and sampled), not one per value: with the recompile limit at 2,
+    a fifth setting still decodes, and greedy tokens still equal eager's."""
+    from transfusion_pytorch import compiling
+    monkeypatch.setattr(compiling, 'BLOCK_VERSIONS', 2)
+    model = text_model()
+    prompt = torch.randint(0, 32, (1, 3))
+    eager = model.generate_text_only(prompt, 12, temperature = 0., compile_step = False)
+    for temperature, min_p in [(0., 0.1), (0.5, 0.1), (0.7, 0.3), (1.3, 0.), (0., 0.5), (2., 1.)]:
+        tokens = model.generate_text_only(prompt, 12, temperature = temperature, min_p = min_p, compile_step = True)
+        assert tokens.shape == (1, 9) and (temperature > 0 or torch.equal(tokens, eager)), (temperature, min_p)
+
+
+def test_a_dropped_decoder_takes_its_compiled_versions_with_it():
+    """Each decoder compiles its own copy of the step; when it is replaced, Dynamo's versions of
+    that copy (graphs and their traced tensors) are released, not kept for the process."""
+    import gc
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    model = text_model()
+    model.generate_text_only(torch.randint(0, 32, (1, 3)), 8, temperature = 0., compile_step = True)
+    decoder = next(iter(model._text_decoders.values()))
+    code = decoder.region.fn._torchdynamo_orig_callable.__func__.__code__
+    assert len(_debug_get_cache_entry_list(code)) == 1
+    del decoder
+    model.generate_text_only(torch.randint(0, 32, (1, 3)), 9, temperature = 0., compile_step = True)   # another size
+    gc.collect()
+    assert len(_debug_get_cache_entry_list(code)) == 0
+
+
 def test_in_graph_sampler_keeps_min_p_and_matches_the_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 2

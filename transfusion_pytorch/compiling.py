@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import weakref
 from contextlib import nullcontext
 
 import torch
@@ -35,17 +36,26 @@ def compile_region(fn, options: dict | None, backend = None, **settings):
 
 
 def with_own_code(fn):
-    """fn (a function or a bound method) as a copy with a code object of its own.
+    """fn (a function or a bound method) as a copy with a code object and globals of its own.
 
     Dynamo keeps compiled versions on the code object, and a region compiled with a backend of
     its own (replay.RecordingInductor) or guarded on objects of its own (a text decoder's
     buffers) adds a version to that code object each time: 32 text decoders of new sizes, or 32
     models sampling, would exhaust the recompile limit of every later one (an error under
-    fullgraph, eager code otherwise). On a copy, a region's versions are its own and go with it."""
+    fullgraph, eager code otherwise). On a copy, a region's versions are its own. Dynamo also
+    stores each compiled graph in the function's globals (`__compiled_fn_*`), so the copy reads
+    a snapshot of the module's globals: the graphs then go with the copy instead of piling up in
+    the module. A snapshot is enough for the regions compiled here, whose globals are the
+    module's imports and functions."""
     function = getattr(fn, '__func__', fn)
-    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+    copy = types.FunctionType(function.__code__.replace(), dict(function.__globals__), function.__name__,
                               function.__defaults__, function.__closure__)
     copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = function.__kwdefaults__, function.__qualname__, function.__doc__
+    # the versions hang off the code object in Dynamo's C state, which outlives the function:
+    # drop them with it (a torch without reset_code keeps them, as it keeps any code's)
+    reset_code = getattr(torch._dynamo.eval_frame, 'reset_code', None)
+    if reset_code is not None:
+        weakref.finalize(copy, reset_code, copy.__code__)
     return types.MethodType(copy, fn.__self__) if hasattr(fn, '__func__') else copy
 
 

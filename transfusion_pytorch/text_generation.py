@@ -32,8 +32,8 @@ def min_p_keep(logits: Tensor, min_p: float) -> Tensor:
 
 def choose_tokens(
     logits: Tensor,
-    temperature: float = 1.,
-    min_p: float = 0.1,
+    temperature: float | Tensor = 1.,
+    min_p: float | Tensor = 0.1,
     allowed: Tensor | None = None,
     generators: list[torch.Generator | None] | None = None,
 ) -> Tensor:
@@ -41,6 +41,7 @@ def choose_tokens(
     temperature plus Gumbel noise): no host round trip, so it also runs inside a compiled or
     CUDA-graphed decode step.
 
+    temperature, min_p: numbers, or 0-d tensors (a compiled step's buffers) for a temperature > 0.
     allowed: Bool['b v'] or Bool['v'], tokens that may be chosen at all (grammar constraints).
     generators: one torch.Generator (or None) per row, so a row's draws do not depend on the
         other rows in the batch; None draws from the global generator.
@@ -48,9 +49,9 @@ def choose_tokens(
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float('-inf'))
-    if temperature == 0:
+    if not torch.is_tensor(temperature) and temperature == 0:
         return logits.argmax(dim = -1)
-    if min_p > 0:
+    if torch.is_tensor(min_p) or min_p > 0:
         logits = logits.masked_fill(~min_p_keep(logits, min_p), float('-inf'))
     if generators is None:
         uniform = torch.rand_like(logits)
@@ -80,12 +81,15 @@ class TextDecoder:
         self.cache = KVCache.for_model(model, batch, slots)
         self.last_token = torch.zeros((batch, 1), dtype = torch.long, device = model.device)
         self.position = torch.zeros(1, dtype = torch.long, device = model.device)
+        # read by the step as values, not constants: a compiled step serves any temperature and min-p
+        self.temperature = torch.ones((), device = model.device)
+        self.min_p = torch.zeros((), device = model.device)
         self.step = self._step
         self.compiled = compile_step
         self.region = None             # on CPU, the compiled step whose graph a loop calls directly
         self.cast_weights: dict = {}   # autocast-dtype weight copies, at fixed addresses for the CUDA graph
         if compile_step:
-            for tensor in [*self.cache.tensors(), self.last_token, self.position]:
+            for tensor in [*self.cache.tensors(), self.last_token, self.position, self.temperature, self.min_p]:
                 torch._dynamo.mark_static_address(tensor)
             # a step is a few hundred small kernels: on a GPU they replay as one CUDA graph; on CPU
             # a C++ wrapper launches them without the Python one (128 tokens at the CPU benchmark
@@ -110,7 +114,10 @@ class TextDecoder:
         over, so replaced weights or another temperature are seen."""
         if start >= out.shape[1]:
             return
-        step = lambda: self.step(temperature, min_p)
+        self.temperature.fill_(temperature)
+        self.min_p.fill_(min_p)
+        greedy = temperature == 0          # a branch, so one of two compiled versions
+        step = lambda: self.step(greedy)
         if self.region is not None:
             step = Replayed(step, self.region, self.model.device)
         out[:, start:start + 1] = step()
@@ -118,10 +125,12 @@ class TextDecoder:
             for index in range(start + 1, out.shape[1]):
                 out[:, index:index + 1] = step()
 
-    def _step(self, temperature: float, min_p: float) -> Tensor:
+    def _step(self, greedy: bool) -> Tensor:
         """Feed the last token at the current position, advance both; returns the new token
-        Int['b 1'] (a compiled step's output: copy it before the next step)."""
-        token = choose_tokens(self._logits(self.last_token, self.position), temperature, min_p)[:, None]
+        Int['b 1'] (a compiled step's output: copy it before the next step), the most likely or
+        drawn at the decoder's temperature and min-p."""
+        temperature = 0. if greedy else self.temperature
+        token = choose_tokens(self._logits(self.last_token, self.position), temperature, self.min_p)[:, None]
         self.last_token.copy_(token)
         self.position.add_(1)
         return token

@@ -363,7 +363,8 @@ class Transfusion(nn.Module):
         tokens Int['b (seq_len - p)']. compile_step (default: the transformer's compile_blocks):
         torch.compile the decode step (CUDA graphs on a GPU, a C++ launch wrapper on CPU). The
         model keeps one decoder, with its cache, for the latest batch size and length: later calls
-        of that size reuse its compiled step, a call of another size compiles a new one."""
+        of that size reuse its compiled step at any temperature and min-p, a call of another
+        size compiles a new one."""
         from .text_generation import generate_text_only
         if compile_step is None:
             compile_step = self.config.transformer.compile_blocks
