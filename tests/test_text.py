@@ -280,6 +280,20 @@ def test_a_temperature_past_float32_never_chooses_a_filtered_token():
         assert counts[2:].sum() == 0 and counts[0] > 800 and counts[1] > 800, counts
 
 
+@pytest.mark.parametrize('cache_kv, compile_step', [(False, False), (True, False), (True, True)], ids = ['uncached', 'cached', 'compiled'])
+def test_generation_at_a_temperature_past_float32_keeps_to_the_allowed_tokens(cache_kv, compile_step):
+    """Every decoding path takes such a temperature (the cached ones hold it in a float32 buffer)
+    and still draws only tokens that pass min-p."""
+    from transfusion_pytorch.text_generation import min_p_keep
+    torch.manual_seed(0)
+    model = text_model()
+    prompt = torch.randint(0, 32, (1, 3))
+    tokens = model.generate_text_only(prompt, 9, temperature = 1e39, min_p = 0.9, cache_kv = cache_kv, compile_step = compile_step)
+    sequence = torch.cat((prompt, tokens), dim = 1)
+    allowed = min_p_keep(model.text_logits(sequence)[0, 2:-1, :32], 0.9)      # (6 positions, 32)
+    assert allowed[torch.arange(6), tokens[0]].all()
+
+
 def test_min_p_one_keeps_exactly_the_most_likely_tokens_ties_included():
     """min_p = 1 is allowed and keeps the tokens whose probability equals the maximum: sampling
     is then greedy (a strict '>' kept none, and every draw fell back to token 0)."""

@@ -70,9 +70,11 @@ class TextDecoder:
     """Text-only decoding over a static cache. All rows share their positions, so each step
     writes one slot with an index copy and one mask Bool['1 1 q s'] serves every row and layer.
 
-    A step reads the last token and the position from buffers it updates in place, samples the
-    next token inside the step and takes no arguments: nothing changes shape or address between
-    steps, so the compiled step is captured once by CUDA graphs (on a GPU) and replayed, on CPU
+    A step reads the last token and the position from buffers it updates in place, and the
+    temperature and min-p from buffers set once per call; it samples the next token inside the
+    step and takes one argument, whether it decodes greedily (one compiled version each). Nothing
+    changes shape or address between steps, so the compiled step is captured once by CUDA graphs
+    (on a GPU) and replayed, on CPU
     its compiled graph is called directly (replay.py), and on any device each token costs one
     call. The LM head computes text logits only."""
 
@@ -114,7 +116,8 @@ class TextDecoder:
         over, so replaced weights or another temperature are seen."""
         if start >= out.shape[1]:
             return
-        self.temperature.fill_(temperature)
+        # past float32's range a temperature is inf, as choose_tokens would compute it from a float
+        self.temperature.fill_(temperature if temperature <= torch.finfo(self.temperature.dtype).max else float('inf'))
         self.min_p.fill_(min_p)
         greedy = temperature == 0          # a branch, so one of two compiled versions
         step = lambda: self.step(greedy)
