@@ -113,7 +113,9 @@ def test_shape_tokens_off_requires_the_fixed_shape():
     (dict(modality_default_shape = (4,), modality_unet_dim = 32), 'modality_unet_dim=32 is the width of the U-Net that modality_downsample > 1 builds'),
     # one value for all modalities that fits only some: the message names the modality and the per-modality form
     (dict(dim_latent = (8, 4), modality_default_shape = ((4, 4), (2,)), modality_downsample = (2, 1), modality_unet_dim = 8),
-     r'modality 1: modality_unet_dim=8 is the width .* but downsample is 1; per-modality keywords also take a tuple, one value per modality'),
+     r'modality 1: modality_unet_dim=8 is the width .* but downsample is 1; modality_unet_dim applied to every modality \(a tuple gives one value per modality\)$'),
+    (dict(dim_latent = (8, 4), modality_default_shape = ((4, 4), (2,)), modality_downsample = (2, 1), modality_unet_dim = (None, 8)),
+     r'modality 1: modality_unet_dim=8 is the width .* but downsample is 1$'),   # given per modality: no hint
 ])
 def test_bad_configuration_explains_itself(kwargs, message):
     base = dict(num_text_tokens = 16, dim_latent = 8, transformer = dict(dim = 64, depth = 2))
@@ -176,7 +178,7 @@ def test_modality_only_batches_name_a_bad_modality_type(modality_type, error, me
 
 
 def test_numpy_ints_index_modalities_in_batches():
-    """NumPy ints name modalities in items and as modality_type, as they do in sampling."""
+    """NumPy ints and 0-d integer tensors name modalities in items and as modality_type."""
     np = pytest.importorskip('numpy')
     model = tiny_model()
     draws = dict(times = torch.tensor([.3, .6]), noise = [torch.zeros(3, 4), torch.ones(3, 4)])
@@ -184,6 +186,7 @@ def test_numpy_ints_index_modalities_in_batches():
     expected = model(data, modality_type = 1, **draws)
     torch.testing.assert_close(model(data, modality_type = np.int64(1), **draws), expected)
     torch.testing.assert_close(model([[(np.int32(1), data[0])], [(np.int64(1), data[1])]], **draws), expected)
+    torch.testing.assert_close(model(data, modality_type = torch.tensor(1), **draws), expected)   # a 0-d tensor, as in items
 
 
 @pytest.mark.parametrize('dtype', [torch.uint8, torch.int8, torch.int16, torch.uint16])

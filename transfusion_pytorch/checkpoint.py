@@ -110,12 +110,18 @@ def _flat(data: dict, prefix: str = '') -> dict:
     return out
 
 
+def config_differences(first: TransfusionConfig, second: TransfusionConfig, names: tuple[str, str]) -> list[str]:
+    """The fields in which two configs differ, as 'field: <names[0]> value, <names[1]> value',
+    runtime options (RUNTIME_OPTIONS) aside: those change no weights."""
+    first_flat, second_flat = _flat(first.to_dict()), _flat(second.to_dict())
+    runtime = {f'transformer.{name}' for name in RUNTIME_OPTIONS}
+    return [f'{k}: {names[0]} {first_flat.get(k)!r}, {names[1]} {second_flat.get(k)!r}'
+            for k in sorted(set(first_flat) | set(second_flat)) if k not in runtime and first_flat.get(k) != second_flat.get(k)]
+
+
 def _require_same_config(saved: TransfusionConfig, current: TransfusionConfig, where: str) -> None:
     """Runtime options (RUNTIME_OPTIONS) may differ; anything that changes the model may not."""
-    saved_flat, current_flat = _flat(saved.to_dict()), _flat(current.to_dict())
-    runtime = {f'transformer.{name}' for name in RUNTIME_OPTIONS}
-    differ = [f'{k}: saved {saved_flat.get(k)!r}, model {current_flat.get(k)!r}'
-              for k in sorted(set(saved_flat) | set(current_flat)) if k not in runtime and saved_flat.get(k) != current_flat.get(k)]
+    differ = config_differences(saved, current, ('saved', 'model'))
     if differ:
         raise ValueError(f'{where}: the checkpoint was saved from a model with a different config: ' + '; '.join(differ))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import types
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -35,7 +36,7 @@ def compile_region(fn, options: dict | None, backend = None, **settings):
     return torch.compile(fn, **how)
 
 
-def with_own_code(fn):
+def with_own_code(fn: Callable) -> Callable:
     """fn (a function or a bound method) as a copy with a code object and globals of its own.
 
     Dynamo keeps compiled versions on the code object, and a region compiled with a backend of

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import objective
-from .checkpoint import RUNTIME_OPTIONS
+from .checkpoint import config_differences
 from .constants import at_least_fp32
 from .debug import Batch
 from .modes import eval_mode
@@ -120,10 +119,9 @@ def _check_same_architecture(model: nn.Module, ema: nn.Module) -> None:
     shape would give a loss against a different network, or fail deep inside with a noise error."""
     if not hasattr(ema, 'config') or not hasattr(ema, 'predict_packed'):
         raise TypeError(f'ema_model must be make_ema(model) or a Transfusion, got {type(ema).__name__} (pass modules unwrapped from DDP)')
-    options = {name: getattr(model.config.transformer, name) for name in RUNTIME_OPTIONS}
-    if replace(ema.config, transformer = replace(ema.config.transformer, **options)) != model.config:
-        raise ValueError('ema_model must be an EMA of model (make_ema(model)) or a Transfusion of the same configuration, '
-                         'up to runtime options such as compile_blocks; the configurations differ')
+    if differences := config_differences(ema.config, model.config, ('ema', 'model')):
+        raise ValueError('ema_model must be an EMA of model (make_ema(model)) or a Transfusion of the same configuration '
+                         '(runtime options such as compile_blocks aside); they differ in ' + '; '.join(differences))
 
 
 def _checked_times(times, count: int, delta: float, device: torch.device) -> Tensor | None:

@@ -50,6 +50,14 @@ def _where(sample: int, item: int | None = None) -> str:
     return f'sample {sample}' if item is None else f'sample {sample}, item {item}'
 
 
+def as_modality_index(value) -> int | None:
+    """A modality index as a Python int: from an int, a NumPy int or a 0-d integer tensor (a bool
+    would read as modality 1); None for anything else."""
+    if torch.is_tensor(value) and value.ndim == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        return int(value)
+    return int(value) if is_integer(value) else None
+
+
 def _parse_item(item, sample: int, index: int, num_modalities: int) -> tuple[str, int | None, Tensor]:
     """('text', None, ids) or ('modality', m, raw tensor), after type checks only."""
     where = _where(sample, index)
@@ -57,11 +65,9 @@ def _parse_item(item, sample: int, index: int, num_modalities: int) -> tuple[str
         if len(item) != 2:
             raise TypeError(f'{where}: a modality item must be a (modality_index, tensor) pair, got a tuple of length {len(item)}')
         modality, data = item
-        if torch.is_tensor(modality) and modality.ndim == 0 and not (modality.is_floating_point() or modality.is_complex() or modality.dtype == torch.bool):
-            modality = int(modality)   # a 0-d integer tensor; a bool one would read as modality 1
-        if not is_integer(modality):
+        if (index := as_modality_index(modality)) is None:
             raise TypeError(f'{where}: modality index must be an int, got {type(modality).__name__}')
-        modality = int(modality)   # a NumPy int too
+        modality = index
         if num_modalities == 0:
             raise ValueError(f'{where}: got modality {modality} but this model has no modalities (pass dim_latent to Transfusion)')
         if not 0 <= modality < num_modalities:

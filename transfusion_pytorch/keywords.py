@@ -107,13 +107,17 @@ def _modality_configs(dim_latent, **keywords) -> tuple[ModalityConfig, ...]:
                   _per_modality(keywords['modality_downsample'], count, 'modality_downsample', is_int),
                   _per_modality(keywords['modality_unet_dim'], count, 'modality_unet_dim', lambda v: v is None or is_int(v)))
     names = ('dim_latent', 'default_shape', 'channel_first', 'shape_tokens', 'loss_weight', 'downsample', 'unet_dim')
-    return tuple(_modality_config(i, count, dict(zip(names, values))) for i, values in enumerate(columns))
+    # keywords given once, for every modality: a value that fits only some is the likely cause of an error
+    given_once = [name for name, value in keywords.items() if value != _PER_MODALITY_DEFAULTS[name]
+                  and (not isinstance(value, (tuple, list)) or (name == 'modality_default_shape' and _is_shape(value)))]
+    hint = f'; {", ".join(given_once)} applied to every modality (a tuple gives one value per modality)' if given_once else ''
+    return tuple(_modality_config(i, count, dict(zip(names, values)), hint) for i, values in enumerate(columns))
 
 
-def _modality_config(index: int, count: int, values: dict) -> ModalityConfig:
+def _modality_config(index: int, count: int, values: dict, hint: str) -> ModalityConfig:
     try:
         return ModalityConfig(**values)
-    except ValueError as error:   # a value given once for all modalities may fit only some
+    except ValueError as error:
         if count == 1:
             raise
-        raise ValueError(f'modality {index}: {error}; per-modality keywords also take a tuple, one value per modality') from None
+        raise ValueError(f'modality {index}: {error}{hint}') from None

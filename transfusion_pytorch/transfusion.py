@@ -14,9 +14,9 @@ Glossary: b batch, n tokens, d model dim, v vocabulary, i instances, l latent to
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
-import os
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import flow, objective
 from .batch import PackedBatch, pack
-from .items import to_items
+from .items import as_modality_index, to_items
 from .config import TransfusionConfig
 from .keywords import build_config
 from .debug import Batch, Flag, Times, typechecked
@@ -165,13 +165,13 @@ class Transfusion(nn.Module):
         if torch.is_tensor(batch):
             if modality_type is None:
                 modality_type = 0
-            if not is_integer(modality_type):
+            if (index := as_modality_index(modality_type)) is None:
                 raise TypeError(f'modality_type must be a modality index (an int), got {type(modality_type).__name__}')
+            modality_type = index
             if self.config.num_modalities == 0:
                 raise ValueError('a floating tensor batch is modality-only training, but this model has no modalities (pass dim_latent to Transfusion)')
             if not 0 <= modality_type < self.config.num_modalities:
                 raise ValueError(f'modality_type {modality_type}: this model has {self.config.num_modalities} modalities')
-            modality_type = int(modality_type)
             if batch.ndim < 1 or batch.shape[0] == 0:
                 raise ValueError(f'modality-only training expects a floating tensor (b, ...) with b >= 1, got shape {tuple(batch.shape)}')
             return [[(modality_type, row)] for row in batch.unbind(0)]
