@@ -119,7 +119,8 @@ def _check_same_architecture(model: nn.Module, ema: nn.Module) -> None:
     shape would give a loss against a different network, or fail deep inside with a noise error."""
     if not hasattr(ema, 'config') or not hasattr(ema, 'predict_packed'):
         raise TypeError(f'ema_model must be make_ema(model) or a Transfusion, got {type(ema).__name__} (pass modules unwrapped from DDP)')
-    if differences := config_differences(ema.config, model.config, ('ema', 'model')):
+    # equal configs (the usual case, every step) skip the field-by-field comparison: 6 against ~350 us
+    if ema.config != model.config and (differences := config_differences(ema.config, model.config, ('ema', 'model'))):
         raise ValueError('ema_model must be an EMA of model (make_ema(model)) or a Transfusion of the same configuration '
                          '(runtime options such as compile_blocks aside); they differ in ' + '; '.join(differences))
 
