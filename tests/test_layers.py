@@ -208,3 +208,18 @@ def test_time_embedding_is_added_to_the_tokens_of_a_downsampled_modality():
     batched = inputs.reshape(2, 24, 4)
     difference = modalities.embed(0, batched, (4, 6), token_time.reshape(2, 6, 32)) - modalities.embed(0, batched, (4, 6), 0.)
     torch.testing.assert_close(difference, token_time.reshape(2, 6, 32))
+
+
+@torch.no_grad()
+def test_time_embedding_is_added_to_the_tokens_of_a_plain_modality():
+    """Without a U-Net each latent token is proj_in(latent) + its instance's time embedding, in
+    the packed path (embed_group) and the decoding path (embed); before this test only a
+    parameter-has-gradient check in training noticed the embedding missing."""
+    from transfusion_pytorch import Transfusion
+    model = Transfusion(num_text_tokens = 16, dim_latent = 4, modality_default_shape = (3,),
+                        transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16))
+    modalities, proj_in = model.modalities, model.modalities.projections[0].proj_in
+    inputs, token_time = randn(5, 4), randn(5, 32)
+    torch.testing.assert_close(modalities.embed_group(0, inputs, [(2,), (3,)], token_time), proj_in(inputs) + token_time)
+    batched, batched_time = inputs[:4].reshape(2, 2, 4), token_time[:4].reshape(2, 2, 32)
+    torch.testing.assert_close(modalities.embed(0, batched, (2,), batched_time), proj_in(batched) + batched_time)

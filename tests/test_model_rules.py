@@ -169,6 +169,24 @@ def test_adaptive_time_conditioning_modulates_each_instance_with_its_own_time():
         torch.testing.assert_close(together.logits[s], alone.logits[0], rtol = 1e-4, atol = 1e-5)
 
 
+def test_activation_checkpointing_keeps_the_adaptive_time_modulation():
+    """The checkpointed blocks get the same adaLN modulation as the plain ones: with nonzero
+    adaptive parameters (a fresh model's zeros would hide a dropped modulation), the training
+    loss and every gradient agree with and without checkpoint_activations."""
+    small = dict(dim = 32, depth = 2, heads = 2, dim_head = 16)
+    plain = randomise_time_modulation(tiny_model(time_conditioning = 'adaptive', transformer = small)).train()
+    checkpointed = tiny_model(time_conditioning = 'adaptive', transformer = dict(small, checkpoint_activations = True)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    batch = [[randint(0, 16, (3,)), randn(2, 3, 8), randint(0, 16, (2,))], [(1, randn(3, 4)), randint(0, 16, (2,))]]
+    times, noise = torch.tensor([.3, .7]), [randn(2, 3, 8), randn(3, 4)]
+    losses = [model(batch, times = times, noise = noise) for model in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol = 1e-6, rtol = 1e-5, msg = lambda m: f'{name}: {m}')
+
+
 # debug-mode annotations, checked in-process: `debug.checked` wraps the undecorated methods
 
 def test_debug_annotations_accept_what_predict_documents():
