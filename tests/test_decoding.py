@@ -111,6 +111,24 @@ def test_an_instance_after_equal_prefixes_attends_without_a_mask(cfg_scale, monk
     assert (masks[0].dense is None) == (cfg_scale == 1.)
 
 
+@pytest.mark.parametrize('causal', [False, True])
+@torch.no_grad()
+def test_steps_whose_visible_slots_end_at_their_last_token_keep_their_mask(causal, monkeypatch):
+    """With the visible slots rounded to a multiple of 1, every one-row step's visible slots end at
+    its last new token, so the mask-free path is considered at every step. It may be taken only
+    when all new tokens see each other: not for a causal instance's evaluations, and not for a
+    commit, whose latents must not see the end token after them. Every logit and velocity equals
+    the uncached reference's."""
+    monkeypatch.setattr(decoding, 'VISIBLE_SLOTS_MULTIPLE', 1)
+    model = tiny_model(causal_modality_attention = causal).eval()
+    both = Both(model, 1, 64)
+    modality, shape = 1, (3,)
+    both.call('prefill', 0, sampling.model_items(model, [randint(0, 16, (3,))])[0])
+    both.open_instance([0], modality, shape)
+    both.instance([0], modality, shape, cfg_scale = 1.)
+    both.call('feed', [0], [5])
+
+
 def test_cache_rows_and_slot_copies_follow_a_loop_over_rows():
     """rows() copies the first `visible` slots of the given rows; copy_slots_ writes row i of the
     source, slots[i], into destination row i (rows at different slots, in any order) and

@@ -68,6 +68,35 @@ def test_text_steps_offer_exactly_the_tokens_that_fit(monkeypatch, fixed, prompt
     assert len(sample) == (2 if prompt_length else 1)
 
 
+def test_begin_tokens_follow_the_token_grid_of_a_fixed_shape_under_a_unet(monkeypatch):
+    """With a U-Net a fixed data shape is measured in tokens: (4, 6) downsampled by 2 is a (2, 3)
+    grid, whose smallest instance is begin, '2 , 3 :', 6 latents, end = 12 tokens (not the 30 of
+    a (4, 6) grid), and (8,) downsampled by 4 takes 6. Each begin token is offered exactly while
+    its instance fits."""
+    model = Transfusion(num_text_tokens = 16, dim_latent = (4, 3), modality_default_shape = ((4, 6), (8,)),
+                        modality_downsample = (2, 4), transformer = dict(dim = 32, depth = 1))
+    fixed, max_length = {0: (4, 6), 1: (8,)}, 16
+    seen = script_choices(monkeypatch, lambda call, ids: 0)
+    model.sample(max_length = max_length, fixed_modality_shape = fixed, **QUIET)
+    assert len(seen) == max_length - 1
+    for call, ids in enumerate(seen):
+        budget = max_length - 1 - call
+        assert ids == expected_text_phase_ids(model, budget, call > 0, fixed), (call, budget)
+        assert (model.vocab.begin[0] in ids, model.vocab.begin[1] in ids) == (budget >= 12, budget >= 6), (call, budget)
+
+
+def test_one_fixed_shape_is_not_given_to_the_modalities_it_does_not_fit():
+    """fixed_modality_shape = (5,) fits modality 0 only (modality 1 has no shape tokens, its shape
+    fixed at (3,)): a forced modality-1 instance keeps its own shape, and the sample is valid input."""
+    from transfusion_pytorch.sampling_options import fixed_shapes
+    model = Transfusion(num_text_tokens = 16, dim_latent = (8, 4), modality_default_shape = ((2,), (3,)),
+                        add_modality_shape_tokens = (True, False), transformer = dict(dim = 32, depth = 1))
+    assert fixed_shapes(model, (5,)) == {0: (5,)}
+    sample = model.sample(force_modality_at_start = 1, fixed_modality_shape = (5,), stop_after_modality = True, **QUIET)
+    assert sample[0][0] == 1 and sample[0][1].shape == (3, 4)
+    model.pack([sample])
+
+
 def test_scripted_tokens_give_the_expected_items(monkeypatch):
     """Text, a begin token and its shape tokens, more text, EOS: the output is the text before
     the instance, the instance with the decoded shape, the text after it, in that order."""
