@@ -131,29 +131,6 @@ class _no_fallback_warning:
         assert not [r for r in self.records if 'default shape' in str(r.message)]
 
 
-@pytest.mark.parametrize('spare', [0, 1])
-def test_the_shape_fallback_uses_the_default_shape_only_when_it_fits_with_its_end_token(monkeypatch, spare):
-    """When no shape token is allowed (the grammar should prevent it; this path is defensive),
-    the default shape is used only if its latents and end token fit in max_length, else the
-    sample ends. Forced modality 0 (default (2, 3): 6 latents + end token), 6 + spare tokens
-    left after its begin token."""
-    import warnings
-    model = tiny_model()
-    monkeypatch.setattr(ShapeDecoder, 'allowed', lambda self, budget: [])
-    max_length = 4 + 6 + spare                         # BOS, 2 text tokens, begin; latents, end
-    with warnings.catch_warnings(record = True) as caught:
-        warnings.simplefilter('always')
-        sample = model.sample(torch.tensor([1, 2]), force_modality_at_start = 0, max_length = max_length,
-                              modality_steps = 1, text_temperature = 0., seed = 0, **QUIET)
-    messages = ' '.join(str(w.message) for w in caught)
-    if spare:
-        assert 'using the default shape (2, 3)' in messages
-        assert sample[1][0] == 0 and sample[1][1].shape == (2, 3, 8)
-    else:
-        assert 'no room left' in messages
-        assert not any(isinstance(item, tuple) for item in sample)
-
-
 def test_max_length_is_never_exceeded():
     model = tiny_model()
     for seed in range(4):

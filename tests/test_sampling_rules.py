@@ -3,12 +3,15 @@ row may emit at each length, where a sample stops, when a forced modality fits, 
 are echoed and how an int seed is split over rows. Text choices are scripted (choose_tokens
 replaced), so the expected items and lengths follow from the token layout alone."""
 import math
+import warnings
 
 import pytest
 import torch
 from torch import randn
 
 from transfusion_pytorch import Transfusion, sampling
+from transfusion_pytorch.sampling_options import fixed_shapes
+from transfusion_pytorch.tokens import ShapeDecoder
 
 from conftest import tiny_model
 
@@ -88,7 +91,6 @@ def test_begin_tokens_follow_the_token_grid_of_a_fixed_shape_under_a_unet(monkey
 def test_one_fixed_shape_is_not_given_to_the_modalities_it_does_not_fit():
     """fixed_modality_shape = (5,) fits modality 0 only (modality 1 has no shape tokens, its shape
     fixed at (3,)): a forced modality-1 instance keeps its own shape, and the sample is valid input."""
-    from transfusion_pytorch.sampling_options import fixed_shapes
     model = Transfusion(num_text_tokens = 16, dim_latent = (8, 4), modality_default_shape = ((2,), (3,)),
                         add_modality_shape_tokens = (True, False), transformer = dict(dim = 32, depth = 1))
     assert fixed_shapes(model, (5,)) == {0: (5,)}
@@ -206,3 +208,25 @@ def test_a_prompt_of_empty_text_does_not_let_a_sample_end_empty(monkeypatch, pro
     assert eos not in seen[0] and eos in seen[1]
     assert [item.tolist() for item in sample] == [[]] * (len(sample) - 1) + [[0]]
     assert torch.isfinite(model([sample]))
+
+
+@pytest.mark.parametrize('spare', [0, 1])
+def test_the_shape_fallback_uses_the_default_shape_only_when_it_fits_with_its_end_token(monkeypatch, spare):
+    """When no shape token is allowed (the grammar should prevent it; this path is defensive),
+    the default shape is used only if its latents and end token fit in max_length, else the
+    sample ends. Forced modality 0 (default (2, 3): 6 latents + end token), 6 + spare tokens
+    left after its begin token."""
+    model = tiny_model()
+    monkeypatch.setattr(ShapeDecoder, 'allowed', lambda self, budget: [])
+    max_length = 4 + 6 + spare                         # BOS, 2 text tokens, begin; latents, end
+    with warnings.catch_warnings(record = True) as caught:
+        warnings.simplefilter('always')
+        sample = model.sample(torch.tensor([1, 2]), force_modality_at_start = 0, max_length = max_length,
+                              text_temperature = 0., seed = 0, **QUIET)
+    messages = ' '.join(str(w.message) for w in caught)
+    if spare:
+        assert 'using the default shape (2, 3)' in messages
+        assert sample[1][0] == 0 and sample[1][1].shape == (2, 3, 8)
+    else:
+        assert 'no room left' in messages
+        assert not any(isinstance(item, tuple) for item in sample)
