@@ -192,6 +192,20 @@ def test_ema_decay_outside_0_1_is_refused(decay, error, message):
         make_ema(torch.nn.Linear(2, 2), decay = decay)
 
 
+def test_ema_decay_1_is_accepted_and_keeps_the_first_copy():
+    """make_ema documents decay in [0, 1], both ends included: decay 1 freezes the average at
+    the first update's copy."""
+    model = nn.Linear(3, 2)
+    ema = make_ema(model, decay = 1.)
+    ema.update_parameters(model)                         # the first update copies
+    first = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.)
+    ema.update_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), first))
+
+
 @pytest.mark.parametrize('decay, moved', [(0.9, 0.1), (None, 0.001)], ids = ['decay_0.9', 'default_0.999'])
 def test_ema_helper_averages_exponentially(decay, moved):
     model = tiny_model()
@@ -374,3 +388,18 @@ def test_weights_and_a_training_state_share_a_directory(tmp_path):
     assert load_training_state(tmp_path, resumed.model, resumed.optimizer).step == 1
     assert_same_state(resumed.model, run.model)
     assert len(list(tmp_path.glob('*.pt'))) == 2
+
+
+def test_an_optimizer_that_also_holds_other_parameters_saves_and_loads(tmp_path):
+    """Only an optimizer holding none of the model's parameters is refused: one that also
+    trains a parameter outside the model (a learned loss scale, say) saves and resumes."""
+    torch.manual_seed(0)
+    model, scale = Transfusion(num_text_tokens = 8, transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16)), nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([*model.parameters(), scale], lr = 0.25)
+    save_training_state(tmp_path, model, optimizer, step = 4)
+    torch.manual_seed(1)
+    other = Transfusion(num_text_tokens = 8, transformer = dict(dim = 32, depth = 1, heads = 2, dim_head = 16))
+    other_optimizer = torch.optim.AdamW([*other.parameters(), nn.Parameter(torch.ones(3))], lr = 1.)
+    assert load_training_state(tmp_path, other, other_optimizer).step == 4
+    assert other_optimizer.param_groups[0]['lr'] == 0.25
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))

@@ -280,3 +280,16 @@ def test_loading_names_an_optimizer_parameter_foreign_to_the_model():
     optimizer = torch.optim.AdamW([*model.parameters(), stranger])
     with pytest.raises(ValueError, match = r"the optimizer holds 1 parameter\(s\) that are not the model's \(shapes \[torch.Size\(\[7, 5\]\)\]\)"):
         distributed_state.load_full_states(model, optimizer, {}, {'state': {}, 'param_groups': []})
+
+
+def test_a_state_saved_before_the_first_step_loads_into_a_sharded_optimizer(one_rank_group):
+    """Saved before any step (no moments yet): loading takes the saved hyperparameters and
+    clears whatever state the sharded optimizer had, as a plain optimizer's load_state_dict does."""
+    from torch.distributed.fsdp import fully_shard
+    sharded = fully_shard(two_layers(), mesh = one_rank_group)
+    optimizer = stepped_adam(sharded)                          # lr 1e-2, with moments
+    plain = two_layers()
+    saved = torch.optim.AdamW(plain.parameters(), lr = 0.5, weight_decay = 0.).state_dict()
+    distributed_state.load_full_states(sharded, optimizer, plain.state_dict(), saved)
+    assert [(g['lr'], g['weight_decay']) for g in optimizer.param_groups] == [(0.5, 0.)]
+    assert len(optimizer.state) == 0
