@@ -183,6 +183,28 @@ def test_flex_attention_serves_many_sequence_lengths_compiled(alibi_heads):
 
 
 @torch.no_grad()   # flex attention has no CPU backward
+def test_flex_attention_has_room_for_the_versions_of_many_models():
+    """Models of other head counts add versions to flex_attention's one compiled code object.
+    With dynamo's global limit (8 by default, lowered to 1 here to keep the test short), later
+    models ran the unfused kernel; the region keeps compile_region's own limit. ALiBi on CPU
+    compiles statically, one version per model here."""
+    from transfusion_pytorch import Transfusion
+    options = dict(num_text_tokens = 16, dim_latent = 8, modality_default_shape = (2,), alibi_heads = 1)
+    with warnings.catch_warnings(record = True) as caught, torch._dynamo.config.patch(recompile_limit = 1):
+        warnings.simplefilter('always')
+        for heads in (1, 2):
+            torch.manual_seed(0)
+            dense = Transfusion(**options, transformer = dict(dim = 32, depth = 1, heads = heads, dim_head = 8))
+            flex = Transfusion(**options, transformer = dict(dim = 32, depth = 1, heads = heads, dim_head = 8, attention_backend = 'flex'))
+            flex.load_state_dict(dense.state_dict())
+            batch = [[torch.randint(0, 16, (50,))], [torch.randint(0, 16, (5,)), torch.randn(2, 8)]]
+            times, noise = torch.tensor([.5]), [torch.randn(2, 8)]
+            for a, b in zip(dense.predict(batch, times, noise).logits, flex.predict(batch, times, noise).logits):
+                torch.testing.assert_close(b, a, atol = 1e-4, rtol = 1e-4)
+    assert not [w for w in caught if 'without torch.compile' in str(w.message)], [str(w.message)[:200] for w in caught]
+
+
+@torch.no_grad()   # flex attention has no CPU backward
 def test_flex_inside_compiled_blocks_equals_eager_sdpa():
     """Flex attention compiled inside a block, where its queries and keys are computed in the
     same graph and its values are a strided view of the fused projection (on CPU Inductor got

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
 from . import experts as experts_module
+from .compiling import compile_region
 from .experts import Routing
 from .masks import AttentionMask
 from .packed_linear import BlockPacks
@@ -34,7 +35,10 @@ def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> 
     which every call ran unfused (all n x n scores). Except on CPU with a score_mod (ALiBi):
     there Inductor's C++ flex kernel with dynamic shapes failed to compile (torch 2.13,
     "'cur_qSplitSize5' was not declared"), so each length compiles its own (token_layout.flex_padding
-    rounds those lengths up to a power-of-two number of tiles, to stay under the recompile limit)."""
+    rounds those lengths up to a power-of-two number of tiles, to stay under the recompile limit).
+    Every model in the process adds its versions to flex_attention's one code object (another
+    head count, head size or score_mod compiles anew): with torch's default limit of 8, the
+    ninth flex model with ALiBi on CPU ran unfused, so the region has compile_region's room."""
     static = q.device.type == 'cpu' and mask.score_mod is not None
     if q.device.type == 'cpu':
         # compiled on CPU (torch 2.13), flex attention computed wrong outputs when it got a value
@@ -45,7 +49,7 @@ def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> 
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
     if static not in _compiled_flex_attention:
-        _compiled_flex_attention[static] = torch.compile(flex_attention, dynamic = False if static else None)
+        _compiled_flex_attention[static] = compile_region(flex_attention, None, dynamic = False if static else None)
     return _compiled_flex_attention[static](q, k, v, score_mod = mask.score_mod, block_mask = mask.block)
 
 
