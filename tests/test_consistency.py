@@ -226,3 +226,18 @@ def test_consistency_loss_weighs_modalities_by_their_loss_weight():
     parts = [(((t + delta) - t) * (x1 - n) - delta * c.proj_out.bias).pow(2).mean()     # f_s - f_e = -delta d + delta c
              for n, x1, t, c in zip(noise, data, times, model.modalities.projections)]
     torch.testing.assert_close(loss, (parts[0] + 3 * parts[1]) / 4, rtol = 1e-4, atol = 1e-7)
+
+
+def test_consistency_defaults_are_the_documented_delta_and_alpha():
+    """Defaults delta = 1e-3 and alpha = 1e-5 (the module docstring: the authors' CIFAR-10
+    values): the loss without them equals the loss with them, and each other value differs."""
+    model = tiny_model()
+    torch.manual_seed(1)
+    other = tiny_model()                       # a Transfusion of the same config, other weights
+    batch = randn(2, 2, 3, 8)
+    times, noise = torch.tensor([0.2, 0.6]), [randn(2, 3, 8), randn(2, 3, 8)]
+    loss = lambda **kw: consistency_flow_loss(model, other, batch, times = times, noise = noise, **kw)
+    default = loss()
+    assert torch.equal(default, loss(delta = 1e-3, alpha = 1e-5))
+    assert not torch.equal(default, loss(delta = 1e-2, alpha = 1e-5))
+    assert not torch.equal(default, loss(delta = 1e-3, alpha = 1e-3))

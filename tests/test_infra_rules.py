@@ -293,3 +293,20 @@ def test_a_state_saved_before_the_first_step_loads_into_a_sharded_optimizer(one_
     distributed_state.load_full_states(sharded, optimizer, plain.state_dict(), saved)
     assert [(g['lr'], g['weight_decay']) for g in optimizer.param_groups] == [(0.5, 0.)]
     assert len(optimizer.state) == 0
+
+
+def sine_plus_one(x):
+    return torch.sin(x) + 1
+
+
+def test_compiled_graphs_of_an_own_code_copy_stay_off_the_module_globals():
+    """Dynamo stores each compiled graph in the function's globals (__compiled_fn_*): the copy's
+    graphs must go with the copy, not pile up in the defining module."""
+    torch._dynamo.reset()
+    compiled_names = lambda: {k for k in globals() if k.startswith('__compiled_fn')}
+    before = compiled_names()
+    copy = compiling.with_own_code(sine_plus_one)
+    x = randn(3)
+    torch.testing.assert_close(torch.compile(copy, backend = 'eager')(x), sine_plus_one(x))
+    assert any(k.startswith('__compiled_fn') for k in copy.__globals__)    # the graph went with the copy
+    assert compiled_names() == before

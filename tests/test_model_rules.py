@@ -327,3 +327,59 @@ def test_a_model_built_on_the_meta_device_initialises_like_a_fresh_one():
             assert torch.equal(reset, parameter), name
         else:
             assert 0.8 < reset.std() / parameter.std() < 1.25 and reset.abs().max() <= 1.5 * parameter.abs().max(), name
+
+
+def peaked_text_model():
+    model = tiny_model()
+    with torch.no_grad():
+        model.to_logits.weight.mul_(4)
+    return model
+
+
+def test_generate_text_only_defaults_are_temperature_1_and_min_p_0_1():
+    model = peaked_text_model()
+    prompt = randint(0, 16, (2, 3))
+
+    def run(**kw):
+        torch.manual_seed(7)
+        return model.generate_text_only(prompt, 24, **kw)
+    default = run()
+    assert torch.equal(default, run(temperature = 1., min_p = 0.1))
+    assert not torch.equal(default, run(temperature = 1., min_p = 0.))
+
+
+def test_generate_text_only_compiles_its_step_by_default_as_compile_blocks_says(monkeypatch):
+    from transfusion_pytorch import text_generation
+    seen = []
+    monkeypatch.setattr(text_generation, 'generate_text_only', lambda model, *args: seen.append(args[-1]))
+    prompt = randint(0, 16, (1, 2))
+    for compile_blocks in (True, False):
+        model = tiny_model(transformer = dict(dim = 64, depth = 2, heads = 2, dim_head = 32, compile_blocks = compile_blocks))
+        model.generate_text_only(prompt, 4)
+    tiny_model().generate_text_only(prompt, 4, compile_step = True)
+    assert seen == [True, False, True]
+
+
+def test_generate_modality_only_defaults_to_16_midpoint_steps():
+    model = tiny_model()
+    run = lambda **kw: model.generate_modality_only(1, 1, seed = 3, **kw)
+    default = run()
+    torch.testing.assert_close(default, run(modality_steps = 16, ode_method = 'midpoint'), rtol = 0, atol = 0)
+    assert not torch.allclose(default, run(modality_steps = 8), atol = 1e-6)
+
+
+def test_predict_encodes_with_a_trainable_encoder_in_eval_mode():
+    """predict runs without dropout, its encoder included: a trainable encoder (in train mode
+    while the model trains) must see eval mode, and get it back afterwards."""
+    modes = []
+
+    class Recording(nn.Conv2d):
+        def forward(self, x):
+            modes.append(self.training)
+            return super().forward(x)
+
+    model = tiny_model(dim_latent = 8, channel_first_latent = True, modality_default_shape = (2, 2),
+                       modality_encoder = Recording(3, 8, 1), train_modality_encoders = True).train()
+    model.predict(randn(2, 3, 2, 2))
+    assert modes == [False]
+    assert model.modalities.encoders[0].training

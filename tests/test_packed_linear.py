@@ -102,3 +102,23 @@ def test_inductors_own_lowering_is_restored():
     with packed_linear.calls_packed_products():
         assert lowering.lowerings.get(op) is not own
     assert lowering.lowerings.get(op) is own
+
+
+def test_packs_are_made_for_the_asked_row_count():
+    """A pack for another row count than the products' makes mkl::_mkl_linear fall back to the
+    unpacked product: the same values, none of the speed."""
+    model = tiny_model()
+    with torch.no_grad():
+        packs = packed_linear.block_packs(model, 10)
+    found = [getattr(p, name) for p in packs for name in ('qkv', 'attn_out', 'ff_in', 'ff_out')]
+    assert found and all(pack is not None and pack.rows == 10 for pack in found)
+
+
+def test_only_fp32_weights_are_packed():
+    """MKL's packed sgemm is fp32 only: a float64 or bf16 model's products run unpacked (a
+    packed attempt raises 'weight's dtype should be float')."""
+    for dtype in (torch.float64, torch.bfloat16):
+        model = tiny_model().to(dtype)
+        with torch.no_grad():
+            packs = packed_linear.block_packs(model, 10)
+        assert all(getattr(p, name) is None for p in packs for name in ('qkv', 'attn_out', 'ff_in', 'ff_out')), dtype

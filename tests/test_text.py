@@ -437,7 +437,7 @@ def test_a_cpu_decoding_loop_replays_its_compiled_step_with_the_same_tokens(temp
     prompt = torch.randint(0, 32, (2, 3))
     model.generate_text_only(prompt, 20, temperature = temperature, compile_step = True)
     decoder = next(iter(model._text_decoders.values()))
-    region, compiled = decoder.region, decoder.step
+    compiled = decoder.step
     through_compile = []
     decoder.step = lambda *arguments: through_compile.append(1) or compiled(*arguments)
     torch.manual_seed(5)
