@@ -97,50 +97,29 @@ def test_an_argument_made_anew_each_call_is_never_replayed():
     assert replayed.plan is None
 
 
-def plain_step(x, t, weight):
+def plain_step(x, t, weight, state):
+    """A region without in-place writes, whose inputs may change shape or dtype."""
     return torch.tanh(x @ weight.to(x.dtype)) * t
 
 
-def replayed_plain():
+@pytest.mark.parametrize('change', ['shape', 'dtype', 'autocast'])
+def test_another_shape_dtype_or_autocast_goes_through_torch_compile(change):
+    """Recorded on fp32 (3, 4) inputs without autocast: 5 rows (the graph is specialised for 3),
+    float64 (a replay would hand it to a float32 kernel) or bf16 autocast (whose product is bf16)
+    go through torch.compile, and equal eager."""
     torch._dynamo.reset()
-    weight = torch.randn(4, 4)
-    region = recorded_region(plain_step, None)
-    replayed = Replayed(lambda x, t: region.fn(x, t, weight), region, torch.device('cpu'))
+    replayed, region, weight, state = make(plain_step)
     for _ in range(3):
         x, t = torch.randn(3, 4), torch.rand(())
-        torch.testing.assert_close(replayed(x, t), plain_step(x, t, weight))
+        torch.testing.assert_close(replayed(x, t), plain_step(x, t, weight, state))
     assert replayed.plan is not None
     region.recorder.calls = 0
-    return replayed, region, weight
-
-
-def test_an_input_of_another_shape_goes_through_torch_compile():
-    """Same strides as the recorded (3, 4) input, another row count: the recorded graph was
-    specialised for 3 rows, so the call must go through torch.compile and equal eager."""
-    replayed, region, weight = replayed_plain()
-    x, t = torch.randn(5, 4), torch.rand(())
-    got = replayed(x, t)
-    assert got.shape == (5, 4) and region.recorder.calls == 1
-    torch.testing.assert_close(got, plain_step(x, t, weight))
-
-
-def test_an_input_of_another_dtype_goes_through_torch_compile():
-    """The recorded layout in float64: a replay would hand float64 data to a float32 kernel."""
-    replayed, region, weight = replayed_plain()
-    x, t = torch.randn(3, 4, dtype = torch.float64), torch.rand((), dtype = torch.float64)
-    got = replayed(x, t)
-    assert got.dtype == torch.float64 and region.recorder.calls == 1
-    torch.testing.assert_close(got, plain_step(x, t, weight))
-
-
-def test_a_call_under_autocast_goes_through_torch_compile():
-    """Recorded without autocast; under bf16 autocast the product is bf16 (as eagerly), which a
-    replay of the fp32 graph would not give."""
-    replayed, region, weight = replayed_plain()
-    x, t = torch.randn(3, 4), torch.rand(())
-    with torch.autocast('cpu', dtype = torch.bfloat16):
-        got, expected = replayed(x, t), plain_step(x, t, weight)
-    assert got.dtype == expected.dtype == torch.bfloat16 and region.recorder.calls == 1
+    x, t = torch.randn(5 if change == 'shape' else 3, 4), torch.rand(())
+    if change == 'dtype':
+        x, t = x.double(), t.double()
+    with torch.autocast('cpu', dtype = torch.bfloat16, enabled = change == 'autocast'):
+        got, expected = replayed(x, t), plain_step(x, t, weight, state)
+    assert got.shape == expected.shape and got.dtype == expected.dtype and region.recorder.calls == 1
     torch.testing.assert_close(got, expected)
 
 
@@ -153,9 +132,7 @@ def two_graphs_through_state(x, t, weight, state):
 def test_a_graph_break_whose_last_graph_takes_the_inputs_is_never_replayed():
     """Replaying the last of two graphs would skip the first one's write."""
     torch._dynamo.reset()
-    weight, state = torch.randn(4, 4), torch.zeros(3, 1)
-    region = recorded_region(two_graphs_through_state, None)
-    replayed = Replayed(lambda x, t: region.fn(x, t, weight, state), region, torch.device('cpu'))
+    replayed, region, weight, state = make(two_graphs_through_state)
     for _ in range(4):
         x, t = torch.randn(3, 4), torch.rand(())
         torch.testing.assert_close(replayed(x, t), x * t + torch.tanh(x @ weight)[:, :1])
