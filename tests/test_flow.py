@@ -94,3 +94,15 @@ def test_evaluation_times_are_the_times_a_solve_passes(method, dtype):
     flow.integrate(field, torch.randn(3, 2, dtype = dtype), 5, method)
     assert flow.evaluation_times(5, method, dtype) == tuple(passed)
     assert flow.evaluation_times(5, 'dopri5', dtype) == ()          # adaptive: depends on the field
+
+
+@pytest.mark.parametrize('method', flow.FIXED_GRID_METHODS)
+def test_a_fixed_grid_solve_equals_torchdiffeqs_solve_over_every_step(method):
+    """integrate gives torchdiffeq the steps as its grid and asks for x(1) alone: the same
+    evaluations, in the same order, as asking for the state at every step, so the same x(1) bit
+    for bit."""
+    from torchdiffeq import odeint
+    x0 = torch.randn(4, 6)
+    field = lambda t, x: torch.sin(3 * t) * x + t
+    every_step = odeint(field, x0, torch.linspace(0., 1., 8), method = method)
+    assert torch.equal(flow.integrate(field, x0, 7, method), every_step[-1])
