@@ -1,12 +1,13 @@
 """Sampling under autocast casts the linear weights once per call: the same samples as casting
-at every step, the parameters handed back untouched, no stale copies after the weights change."""
+at every step, the parameters handed back untouched, no stale copies after the weights change;
+and the rules around it: no copies with gradients or for float64, kept copies, inference mode."""
 import pytest
 import torch
 from torch import nn, randint, randn
 
 from transfusion_pytorch import autocast_weights
 
-from conftest import tiny_model
+from conftest import mixed_batch, tiny_model
 from test_sampling import assert_samples_equal
 
 QUIET = dict(show_progress = False)
@@ -143,3 +144,56 @@ def test_time_mlp_and_latent_projections_run_in_fp32_under_autocast_with_their_o
     full_precision = {id(m) for part in (modalities.time_embedding, modalities.projections) for m in part.modules() if isinstance(m, nn.Linear)}
     assert {id(layer) for layer in modalities.full_precision_layers()} == full_precision
     assert not any(id(layer) in full_precision for layer in autocast_weights.own_linears(model))
+
+
+def test_with_gradients_the_weights_are_not_swapped():
+    """A copy would cut the graph: under autocast with gradients the fp32 weights get them."""
+    model = tiny_model()
+    with torch.autocast(**BF16), autocast_weights.weights_cast_once(model):
+        assert model.to_logits.weight.dtype == torch.float32
+        loss = model(mixed_batch())
+    loss.backward()
+    assert model.to_logits.weight.grad is not None and model.to_logits.weight.grad.abs().sum() > 0
+
+
+def test_a_double_model_is_left_alone(monkeypatch):
+    """Autocast does not cast float64: neither may the copies, so fp64 outputs stay fp64's."""
+    model = randomized(tiny_model()).double()
+    prompt = randint(0, 16, (1, 2))
+    run = lambda: model.generate_text_only(prompt, 12, temperature = 0., cache_kv = False)
+    with torch.autocast(**BF16):
+        cast_once = run()
+    without_casting_once(monkeypatch)
+    with torch.autocast(**BF16):
+        every_step = run()
+    assert torch.equal(cast_once, every_step)
+
+
+def test_kept_copies_are_reused_refreshed_and_skipped_once_no_longer_fp32():
+    """`kept` serves the same tensors on every call (compiled code and CUDA graphs read them at
+    their addresses), each time with the current weights; a parameter that is no longer plain
+    fp32 (the model turned to float64) is used as it is."""
+    model = randomized(tiny_model())
+    kept: dict = {}
+    seen = []
+    param = model.to_logits.weight
+    with torch.no_grad(), torch.autocast(**BF16):
+        for _ in range(2):
+            with autocast_weights.weights_cast_once(model, kept):
+                seen.append(model.to_logits.weight)
+                assert torch.equal(seen[-1], param.to(torch.bfloat16))
+            param.add_(1.)
+        assert seen[0] is seen[1] and seen[0].dtype == torch.bfloat16
+        model.double()
+        with autocast_weights.weights_cast_once(model, kept):
+            assert model.to_logits.weight is param and param.dtype == torch.float64
+
+
+def test_copies_kept_in_inference_mode_serve_later_calls():
+    model = randomized(tiny_model())
+    prompt = randint(0, 16, (1, 2))
+    run = lambda: model.generate_text_only(prompt, 12, temperature = 0., cache_kv = True)
+    with torch.autocast(**BF16):
+        with torch.inference_mode():
+            first = run()
+        assert torch.equal(run(), first)
