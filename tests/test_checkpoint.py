@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,14 +35,16 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def payload_path(directory: Path, manifest: str = 'config.json') -> Path:
-    return directory / json.loads((directory / manifest).read_text())['payload']['name']
+def payload_path(directory: Path, name: str = 'config.json') -> Path:
+    """The payload file the manifest `name` in `directory` names."""
+    return directory / json.loads((directory / name).read_text())['payload']['name']
 
 
-def edit_manifest(directory: Path, edit) -> None:
-    manifest = json.loads((directory / 'config.json').read_text())
+def edit_manifest(directory: Path, edit: Callable[[dict], object], name: str = 'config.json') -> None:
+    """Apply `edit` to a manifest in place, as a hand edit or a foreign writer would."""
+    manifest = json.loads((directory / name).read_text())
     edit(manifest)
-    (directory / 'config.json').write_text(json.dumps(manifest))
+    (directory / name).write_text(json.dumps(manifest))
 
 
 def test_round_trip_gives_the_same_model(tmp_path):

@@ -2,10 +2,8 @@
 holding: each test here fails when one of those rules is broken."""
 from __future__ import annotations
 
-import json
 import stat
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from transfusion_pytorch.checkpoint import (TRAINING_MANIFEST, load_config, load
                                             save_training_state)
 
 from conftest import tiny_model
+from test_checkpoint import edit_manifest, payload_path
 from resume_worker import make_model, training_run
 
 
@@ -28,18 +27,6 @@ def same_state(module: nn.Module, state: dict) -> bool:
     """Whether `module` holds exactly `state`: the same keys, bitwise-equal tensors."""
     current = module.state_dict()
     return current.keys() == state.keys() and all(torch.equal(current[k], v) for k, v in state.items())
-
-
-def edit_manifest(directory: Path, edit: Callable[[dict], object], name: str = 'config.json') -> None:
-    """Apply `edit` to a manifest in place, as a hand edit or a foreign writer would."""
-    manifest = json.loads((directory / name).read_text())
-    edit(manifest)
-    (directory / name).write_text(json.dumps(manifest))
-
-
-def payload_path(directory: Path, name: str = 'config.json') -> Path:
-    """The payload file the manifest `name` in `directory` names."""
-    return directory / json.loads((directory / name).read_text())['payload']['name']
 
 
 def coder_model(seed: int, train_encoders: bool = False) -> Transfusion:

@@ -15,7 +15,8 @@ from transfusion_pytorch import Transfusion, checkpoint_files
 from transfusion_pytorch.checkpoint import TRAINING_MANIFEST, load_config, load_training_state, make_ema, save_training_state
 
 from resume_worker import make_model, train, training_run
-from test_checkpoint_rules import coder_model, edit_manifest, payload_path, same_state, state_of
+from test_checkpoint import edit_manifest, payload_path
+from test_checkpoint_rules import coder_model, same_state, state_of
 
 
 def rewrite_payload(directory: Path, name: str, edit: Callable[[dict], object]) -> None:
