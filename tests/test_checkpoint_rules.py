@@ -14,7 +14,7 @@ from transfusion_pytorch.checkpoint import (TRAINING_MANIFEST, load_config, load
                                             save_training_state)
 
 from conftest import tiny_model
-from test_checkpoint import edit_manifest, payload_path
+from test_checkpoint import Crash, edit_manifest, payload_path
 from resume_worker import make_model, training_run
 
 
@@ -135,10 +135,6 @@ def test_checkpoint_files_are_readable_by_others(tmp_path: Path):
     save_training_state(tmp_path, run.model, run.optimizer, step = 0)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert len(modes) == 4 and set(modes.values()) == {0o644}, modes
-
-
-class Crash(Exception):
-    """Stands for an error raised while the payload is written (disk full, a signal)."""
 
 
 def test_a_failed_save_leaves_no_temporary_file(tmp_path: Path, monkeypatch):
