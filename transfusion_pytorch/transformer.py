@@ -11,6 +11,7 @@ Glossary: b batch, n tokens, d model dim, f feed-forward hidden width.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
-from .compiling import compile_region
+from .compiling import compile_region, shared_code
 from . import experts as experts_module
 from .config import TransformerConfig
 from .debug import typechecked
@@ -123,6 +124,18 @@ class Block(nn.Module):
             ff_out = ff_out * (1 + modulation.ff_gate)
         return x + ff_out, values
 
+    def compiled(self, config: TransformerConfig) -> nn.Module:
+        """This block under torch.compile, which compiles the frame of `self.forward` (the
+        module's hooks run outside it): bound to the copy of Block.forward that every block of
+        this configuration shares (compiling.shared_code), its versions are this configuration's."""
+        self.forward = types.MethodType(shared_code(Block.forward, config), self)
+        return compile_region(self, config.compile_options_dict)
+
+    def __getstate__(self) -> dict:
+        """The binding made by `compiled` is a per-process cache: copies (pickle, deepcopy) leave
+        it out and bind their own when they compile."""
+        return {key: value for key, value in super().__getstate__().items() if key != 'forward'}
+
 
 class SkipMerge(nn.Module):
     """U-ViT long skip: concatenate and project back, initialised to pass x through unchanged."""
@@ -162,7 +175,7 @@ class Transformer(nn.Module):
         if not compiled:
             return list(self.blocks)
         if self._compiled_blocks is None:
-            self._compiled_blocks = [compile_region(block, self.config.compile_options_dict) for block in self.blocks]
+            self._compiled_blocks = [block.compiled(self.config) for block in self.blocks]
         return self._compiled_blocks
 
     @typechecked
@@ -191,7 +204,9 @@ class Transformer(nn.Module):
         compiled = compiled and self.config.compile_blocks
         if compiled and self.config.compile_stack:
             if self._compiled_stack is None:
-                self._compiled_stack = compile_region(self._run_stack, self.config.compile_options_dict)
+                # versions per configuration, as the blocks' (Block.compiled)
+                run_stack = types.MethodType(shared_code(Transformer._run_stack, self.config), self)
+                self._compiled_stack = compile_region(run_stack, self.config.compile_options_dict)
             return self._compiled_stack(x, positions, mask, modulations, cache, routing, rotary, None, compiled_blocks = False)
         return self._run_stack(x, positions, mask, modulations, cache, routing, rotary, None if compiled else packs, compiled_blocks = compiled)
 
