@@ -67,3 +67,15 @@ def test_a_copy_of_a_model_shares_its_versions_and_they_go_with_the_last_model()
     del model, twin
     gc.collect()
     assert code() is None
+
+
+def test_forward_hooks_on_a_compiled_block_still_run():
+    """Compiling a block compiles its forward's frame; the module's hooks stay outside, in
+    Python, so a researcher's hook sees every call's output."""
+    model = text_model(24)
+    outputs = []
+    model.transformer.blocks[1].register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+    with torch.no_grad():
+        model(torch.randint(0, 16, (2, 9)))
+        model(torch.randint(0, 16, (3, 5)))
+    assert [tuple(output.shape) for output in outputs] == [(2, 9, 24), (3, 5, 24)]
