@@ -4,9 +4,9 @@ skips re-checking guards nothing in it can change.
 A compiled region (a block, the stack, an ODE evaluation) needs one compiled version per mode
 it runs in; `compile_region` leaves room for them all. Dynamo keeps those versions on the code
 object it compiles, so regions compile copies of their code: per model or decoder
-(`with_own_code`) or per model configuration (`shared_code`). The text decoder calls one compiled
-step per token with the same objects and only new values in its buffers, so after the first
-token it skips the guards: `skip_guard_checks`.
+(`with_own_code`) or, for the stack, per transformer configuration (`shared_code`). The text
+decoder calls one compiled step per token with the same objects and only new values in its
+buffers, so after the first token it skips the guards: `skip_guard_checks`.
 """
 from __future__ import annotations
 
@@ -69,11 +69,11 @@ _shared_copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 def shared_code(function: Callable, key) -> types.FunctionType:
     """A copy of `function` (see with_own_code) shared by every caller that gives an equal `key`,
-    for as long as one of them holds it. The blocks of all models of one configuration (an EMA
-    copy among them) compile one such copy, so they share their versions, while models of
-    another configuration fill a copy of their own: on one shared code object, a process that
-    built models of a few configurations would use up the recompile limit, and the blocks of
-    later models would run eagerly. key: hashable (a frozen configuration)."""
+    for as long as one of them holds it. The compiled stacks of all models of one transformer
+    configuration (an EMA copy among them) use one such copy, so they share their versions, while
+    another configuration fills a copy of its own: on one shared code object, a process that built
+    models of a few configurations would use up the recompile limit, and later models' stacks would
+    run eagerly. key: hashable (a frozen configuration)."""
     copy = _shared_copies.get((function, key))
     if copy is None:
         copy = with_own_code(function)

@@ -124,18 +124,6 @@ class Block(nn.Module):
             ff_out = ff_out * (1 + modulation.ff_gate)
         return x + ff_out, values
 
-    def compiled(self, config: TransformerConfig) -> nn.Module:
-        """This block under torch.compile, which compiles the frame of `self.forward` (the
-        module's hooks run outside it): bound to the copy of Block.forward that every block of
-        this configuration shares (compiling.shared_code), its versions are this configuration's."""
-        self.forward = types.MethodType(shared_code(Block.forward, config), self)
-        return compile_region(self, config.compile_options_dict)
-
-    def __getstate__(self) -> dict:
-        """The binding made by `compiled` is a per-process cache: copies (pickle, deepcopy) leave
-        it out and bind their own when they compile."""
-        return {key: value for key, value in super().__getstate__().items() if key != 'forward'}
-
 
 class SkipMerge(nn.Module):
     """U-ViT long skip: concatenate and project back, initialised to pass x through unchanged."""
@@ -175,7 +163,11 @@ class Transformer(nn.Module):
         if not compiled:
             return list(self.blocks)
         if self._compiled_blocks is None:
-            self._compiled_blocks = [block.compiled(self.config) for block in self.blocks]
+            # the module compiled (its hooks, and wrappers such as activation checkpointing, run
+            # as they are), so the versions stay on Block.forward's code, shared by every model in
+            # the process: binding a per-configuration copy as each block's forward instead put
+            # blocks in reference cycles and changed what the decode step's guards saw
+            self._compiled_blocks = [compile_region(block, self.config.compile_options_dict) for block in self.blocks]
         return self._compiled_blocks
 
     @typechecked
@@ -204,7 +196,7 @@ class Transformer(nn.Module):
         compiled = compiled and self.config.compile_blocks
         if compiled and self.config.compile_stack:
             if self._compiled_stack is None:
-                # versions per configuration, as the blocks' (Block.compiled)
+                # its versions kept per transformer configuration (compiling.shared_code)
                 run_stack = types.MethodType(shared_code(Transformer._run_stack, self.config), self)
                 self._compiled_stack = compile_region(run_stack, self.config.compile_options_dict)
             return self._compiled_stack(x, positions, mask, modulations, cache, routing, rotary, None, compiled_blocks = False)
